@@ -143,7 +143,7 @@ def from_dict(cls: type, data: dict, origin: str = "config", prefix: str = "") -
     unknown = sorted(set(data) - names)
     if unknown:
         raise ConfigError(
-            f"{origin}: unknown key {prefix}{unknown[0]!r}; {prefix.rstrip('.') or 'top level'} has: "
+            f"{origin}: unknown key '{prefix}{unknown[0]}'; {prefix.rstrip('.') or 'top level'} has: "
             + ", ".join(sorted(names))
         )
     kwargs = {}

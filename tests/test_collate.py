@@ -1,0 +1,91 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from transrec.dataloading.batch import IMAGE, TEXT
+from transrec.dataloading.collate import collate_eval, collate_train, sample_negatives
+from transrec.dataloading.item_store import ItemStore
+from transrec.dataloading.loader import _ShardedSequences
+
+MAX_SEQ_LEN, NEGATIVES = 6, 3
+
+
+@pytest.fixture(scope="module")
+def store(tiny_dataset) -> ItemStore:
+    return ItemStore(tiny_dataset)
+
+
+@pytest.fixture(scope="module")
+def train_samples(tiny_dataset) -> list[dict]:
+    shards = _ShardedSequences(tiny_dataset / "train")
+    return [{**shards[i], "sample_id": i} for i in range(len(shards))]
+
+
+def test_every_item_once_and_rows_scatter_back(store, train_samples):
+    samples = train_samples[10:26]
+    batch = collate_train(samples, store, MAX_SEQ_LEN, NEGATIVES, seed=5, epoch=0)
+    ids = batch.items.ids.numpy()
+    assert len(np.unique(ids)) == len(ids)
+    width = max(min(len(s["items"]), MAX_SEQ_LEN + 1) - 1 for s in samples)
+    assert batch.history.shape == batch.targets.shape == (16, width) and batch.negatives.shape == (16, width, 3)
+    assert torch.equal(batch.history_mask, batch.target_mask)
+    used = set()
+    for row, sample in enumerate(samples):
+        window = sample["items"][-(MAX_SEQ_LEN + 1):]
+        mask = batch.history_mask[row].numpy()
+        assert mask.sum() == len(window) - 1 and mask[::-1].cumprod().sum() == mask.sum()  # left-padded
+        np.testing.assert_array_equal(ids[batch.history[row].numpy()[mask]], window[:-1])
+        np.testing.assert_array_equal(ids[batch.targets[row].numpy()[mask]], window[1:])
+        negatives = ids[batch.negatives[row].numpy()[mask]]
+        assert not np.isin(negatives, sample["items"]).any()  # the whole train sequence, not just the window
+        used |= set(window) | set(negatives.ravel())
+    assert used == set(ids)  # nothing encoded that no position uses
+    assert batch.users.tolist() == [s["user"] for s in samples]
+    assert batch.sample_ids.tolist() == list(range(10, 26))
+
+
+def test_modality_split(store, train_samples):
+    batch = collate_train(train_samples[:32], store, MAX_SEQ_LEN, NEGATIVES, seed=5, epoch=0)
+    items = batch.items
+    ids = items.ids.numpy()
+    assert sorted(items.text_rows.tolist() + items.image_rows.tolist()) == list(range(len(ids)))
+    assert (store.modality[ids[items.text_rows.numpy()]] == TEXT).all()
+    assert (store.modality[ids[items.image_rows.numpy()]] == IMAGE).all()
+    np.testing.assert_array_equal(items.input_ids.numpy(), store.tokens(ids[items.text_rows.numpy()])[0])
+    assert items.images is None
+    assert [j.tobytes() for j in items.jpegs] == [store.jpeg(i).tobytes() for i in ids[items.image_rows.numpy()]]
+
+
+def test_negatives_depend_only_on_seed_epoch_and_sample(store, train_samples):
+    def negatives_of(samples, row, seed=5, epoch=0):
+        batch = collate_train(samples, store, MAX_SEQ_LEN, NEGATIVES, seed=seed, epoch=epoch)
+        return batch.items.ids[batch.negatives[row][batch.history_mask[row]]]
+
+    alone = negatives_of(train_samples[7:8], 0)
+    assert torch.equal(alone, negatives_of(train_samples[3:12], 4))  # same sample, other batch mates
+    assert not torch.equal(alone, negatives_of(train_samples[7:8], 0, epoch=1))
+    assert not torch.equal(alone, negatives_of(train_samples[7:8], 0, seed=6))
+
+
+def test_sample_negatives_rejects_seen_items():
+    rng = np.random.default_rng(0)
+    drawn = sample_negatives(np.arange(0, 18), 500, 20, rng)
+    assert len(drawn) == 500 and set(drawn) == {18, 19}
+    with pytest.raises(ValueError, match="every item"):
+        sample_negatives(np.arange(20), 1, 20, rng)
+    assert len(sample_negatives(np.arange(20), 0, 20, rng)) == 0
+
+
+def test_collate_eval_targets_history_seen_and_padding():
+    samples = [{"user": 4, "items": np.array([5, 6, 7, 8, 9])}, {"user": 9, "items": np.array([1, 2, 3])}]
+    valid = collate_eval(samples, "valid", max_seq_len=2, num_rows=3)
+    assert valid.target.tolist() == [8, 2, 0] and valid.valid.tolist() == [True, True, False]
+    assert valid.history.tolist() == [[6, 7], [0, 1], [0, 0]]
+    assert valid.history_mask.tolist() == [[True, True], [False, True], [False, True]]
+    assert valid.seen.tolist() == [[5, 6, 7], [1, -1, -1], [-1, -1, -1]]  # all of the history, not cut to T
+    assert valid.users.tolist() == [4, 9, 0]
+    test = collate_eval(samples, "test", max_seq_len=10, num_rows=2)
+    assert test.target.tolist() == [9, 3] and test.seen.tolist() == [[5, 6, 7, 8], [1, 2, -1, -1]]
+    assert test.history.tolist() == [[5, 6, 7, 8], [0, 0, 1, 2]]

@@ -1,0 +1,174 @@
+from __future__ import annotations
+
+import gc
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from streaming.base.util import clean_stale_shared_memory
+
+from transrec.config import DataConfig
+from transrec.dataloading.images import ImageDecodeError, ImageDecoder
+from transrec.dataloading.loader import EvalLoader, TrainLoader, _ShardedSequences
+
+BATCH, MAX_SEQ_LEN, NEGATIVES = 16, 6, 2
+REPO = Path(__file__).parents[1]
+
+
+@pytest.fixture(autouse=True)
+def released_streaming_memory():
+    """One live StreamingDataset per directory per process: every test leaves none behind."""
+    yield
+    gc.collect()
+    clean_stale_shared_memory()
+
+
+def make_loader(dataset: Path, workers: int = 1, decoder=None, seed: int = 3) -> TrainLoader:
+    return TrainLoader(DataConfig(loader_workers=workers), dataset, batch_size=BATCH, max_seq_len=MAX_SEQ_LEN,
+                       num_negatives=NEGATIVES, seed=seed, rank=0, world_size=1, decoder=decoder)
+
+
+def fingerprint(batch) -> list[tuple]:
+    """Per sequence: its id and the global ids of its negatives (what resumption must reproduce)."""
+    ids = batch.items.ids
+    return [(int(s), tuple(ids[batch.negatives[row][batch.history_mask[row]]].flatten().tolist()))
+            for row, s in enumerate(batch.sample_ids)]
+
+
+def test_one_epoch_covers_every_sequence_once_with_images(tiny_dataset):
+    loader = make_loader(tiny_dataset, decoder=ImageDecoder(16, backend="dali"))
+    batches = list(loader)
+    assert len(batches) == len(loader) == 8  # 120 sequences / 16
+    ids = [i for b in batches for i in b.sample_ids.tolist()]
+    assert sorted(ids) == list(range(120)) and ids != sorted(ids)  # all once, shuffled
+    for batch in batches:
+        assert batch.items.images.shape == (len(batch.items.image_rows), 3, 16, 16)
+    assert loader.state_dict()["samples_in_epoch"] == 120 and list(loader) == []  # the epoch is done
+    loader.close()
+
+
+def test_epochs_reshuffle_deterministically(tiny_dataset):
+    def epoch_orders() -> list[list[int]]:
+        loader = make_loader(tiny_dataset, workers=0)
+        orders = []
+        for epoch in (0, 1):
+            loader.set_epoch(epoch)
+            orders.append([i for b in loader for i in b.sample_ids.tolist()])
+        loader.close()
+        return orders
+
+    first, again = epoch_orders(), epoch_orders()
+    assert first == again and first[0] != first[1]
+    assert sorted(first[0]) == sorted(first[1]) == list(range(120))
+
+
+def test_resume_yields_exactly_the_rest_of_the_epoch(tiny_dataset):
+    loader = make_loader(tiny_dataset, workers=2)
+    loader.set_epoch(1)
+    full = [fingerprint(b) for b in loader]
+    loader.close()
+
+    loader = make_loader(tiny_dataset, workers=2)
+    loader.set_epoch(1)
+    taken = []
+    for batch in loader:  # more batches than these are prefetched: they must not count
+        taken.append(fingerprint(batch))
+        if len(taken) == 3:
+            break
+    state = loader.state_dict()
+    assert state["epoch"] == 1 and state["samples_in_epoch"] == 3 * BATCH
+    loader.close()
+
+    resumed = make_loader(tiny_dataset, workers=2)
+    resumed.load_state_dict(json.loads(json.dumps(state)))  # as a checkpoint stores it
+    resumed.set_epoch(1)  # the trainer's usual call: the current epoch keeps its position
+    rest = [fingerprint(b) for b in resumed]
+    assert taken + rest == full
+    resumed.set_epoch(2)
+    assert sorted(s for b in resumed for s, _ in fingerprint(b)) == list(range(120))
+    resumed.close()
+
+
+def test_decode_errors_reach_the_trainer(tiny_dataset):
+    class BrokenDecoder:
+        def decode(self, jpegs, item_ids):
+            raise ImageDecodeError(f"item {item_ids[0]}: cannot decode its image")
+
+    loader = make_loader(tiny_dataset, decoder=BrokenDecoder())
+    with pytest.raises(ImageDecodeError, match="item"):
+        next(iter(loader))
+    loader.close()
+
+
+RANK_SCRIPT = """
+import json, sys
+from transrec.config import DataConfig
+from transrec.dataloading.loader import TrainLoader
+rank = int(sys.argv[2])
+loader = TrainLoader(DataConfig(loader_workers=1), sys.argv[1], batch_size=16, max_seq_len=6, num_negatives=1,
+                     seed=0, rank=rank, world_size=2, decoder=None)
+print(json.dumps({"len": len(loader), "batches": [b.sample_ids.tolist() for b in loader]}))
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_ranks_read_disjoint_parts_covering_all(tiny_dataset):
+    env = {**os.environ, "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port()), "PYTHONPATH": str(REPO)}
+    ranks = [subprocess.Popen([sys.executable, "-c", RANK_SCRIPT, str(tiny_dataset), str(rank)],
+                              env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}, cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    try:
+        outputs = [rank.communicate(timeout=120) for rank in ranks]
+    finally:
+        for rank in ranks:
+            rank.kill()  # no-op for a finished one; a hung rank must not outlive the test
+    assert all(rank.returncode == 0 for rank in ranks), [err[-2000:] for _, err in outputs]
+    results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+    parts = [[i for batch in r["batches"] for i in batch] for r in results]
+    assert not set(parts[0]) & set(parts[1])
+    assert sorted(parts[0] + parts[1]) == list(range(120))
+    assert [len(r["batches"]) for r in results] == [r["len"] for r in results] == [4, 4]
+
+
+def test_eval_ranks_get_equal_batches_covering_every_user(tiny_dataset):
+    sequences = _ShardedSequences(tiny_dataset / "eval")
+    seen_users = []
+    shapes = []
+    for rank in range(3):
+        loader = EvalLoader(tiny_dataset, "test", batch_size=16, max_seq_len=MAX_SEQ_LEN, rank=rank, world_size=3)
+        batches = list(loader)
+        assert len(batches) == len(loader) == 3  # 40 users per rank
+        shapes.append([tuple(b.target.shape) for b in batches])
+        for batch in batches:
+            for row in np.flatnonzero(batch.valid.numpy()):
+                user = int(batch.users[row])
+                items = sequences[user]["items"]
+                assert batch.target[row] == items[-1]
+                history = batch.history[row][batch.history_mask[row]]
+                assert history.tolist() == items[:-1][-MAX_SEQ_LEN:].tolist()
+                seen = batch.seen[row]
+                assert sorted(seen[seen >= 0].tolist()) == sorted(items[:-1].tolist())
+                seen_users.append(user)
+    assert shapes[0] == shapes[1] == shapes[2] == [(16,), (16,), (8,)]
+    assert sorted(seen_users) == list(range(120))
+
+
+def test_eval_pads_ranks_with_fewer_users(tiny_dataset):
+    loaders = [EvalLoader(tiny_dataset, "valid", batch_size=32, max_seq_len=4, rank=r, world_size=7) for r in range(7)]
+    batches = [list(loader) for loader in loaders]  # 120 users over 7 ranks: 18 or 17 each
+    assert {len(b) for b in batches} == {1} and {tuple(b[0].target.shape) for b in batches} == {(18,)}
+    assert sum(int(b[0].valid.sum()) for b in batches) == 120
+    assert batches[-1][0].valid.tolist() == [True] * 17 + [False]
+    assert torch.all(batches[-1][0].history_mask.any(1))  # no all-masked row, padding included

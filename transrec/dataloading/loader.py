@@ -1,0 +1,252 @@
+"""What the trainer iterates: `TrainLoader` (this rank's shuffled part, resumable) and `EvalLoader`.
+
+Ranks: mosaicml-streaming partitions by the RANK / WORLD_SIZE / LOCAL_RANK / LOCAL_WORLD_SIZE environment
+variables. torchrun and Ray Train set them; where they are unset, TrainLoader sets them from its rank and
+world_size arguments, assuming one node. With WORLD_SIZE > 1, create the loader after torch.distributed
+is initialized (streaming otherwise initializes a process group itself, from MASTER_ADDR / MASTER_PORT).
+One TrainLoader per dataset per process: streaming allows one live dataset per local directory (`close()`
+releases it).
+"""
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import math
+import os
+import queue
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+from streaming import StreamingDataset
+from streaming.base.format import reader_from_json
+from streaming.base.storage import CloudDownloader
+from torch.utils.data import DataLoader
+
+from transrec.config import DataConfig
+from transrec.dataloading.batch import Batch, EvalBatch
+from transrec.dataloading.collate import HELD_OUT, TrainCollator, collate_eval
+from transrec.dataloading.images import ImageDecoder
+from transrec.dataloading.item_store import ITEM_MODES, ItemStore, read_manifest
+from transrec.dataloading.prepare import MANIFEST
+
+STREAMED_SPLIT = "train/"  # a remote dataset's train shards stream; every other file is fetched up front
+
+
+def is_remote(path: str | Path) -> bool:
+    return "://" in str(path)
+
+
+def local_dataset_dir(path: str | Path, cache_dir: str = "") -> Path:
+    """A local dataset directory as is; for a remote one (s3://, gs://...) a local copy of everything but the
+    train shards (manifest, items, tokenizer, eval shards), fetched once into `cache_dir`."""
+    if not is_remote(path):
+        return Path(path)
+    root = str(path).rstrip("/")
+    cache = Path(cache_dir or Path(tempfile.gettempdir()) / "transrec-cache")
+    local = cache / hashlib.sha1(root.encode()).hexdigest()[:16]
+    CloudDownloader.direct_download(f"{root}/{MANIFEST}", str(local / MANIFEST))
+    for relpath in read_manifest(local)["files"]:
+        if not relpath.startswith(STREAMED_SPLIT):
+            CloudDownloader.direct_download(f"{root}/{relpath}", str(local / relpath))
+    return local
+
+
+def _use_rank(rank: int, world_size: int) -> None:
+    for name, value in (("RANK", rank), ("WORLD_SIZE", world_size), ("LOCAL_RANK", rank),
+                        ("LOCAL_WORLD_SIZE", world_size)):
+        os.environ.setdefault(name, str(value))
+    for name, value in (("RANK", rank), ("WORLD_SIZE", world_size)):
+        if int(os.environ[name]) != value:
+            raise ValueError(f"the environment says {name}={os.environ[name]}, the loader was given {value}")
+
+
+class _SequenceShards(StreamingDataset):
+    """The train shards; each sample also carries its global index (negatives are seeded by it)."""
+
+    def get_item(self, sample_id: int, retry: int = 7) -> dict[str, Any]:
+        sample = super().get_item(sample_id, retry)
+        sample["sample_id"] = int(sample_id)
+        return sample
+
+
+_END = object()
+
+
+class _Failure:
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+class _Prefetcher:
+    """Pulls items from `source` and applies `finish` in a background thread, up to `depth` items ahead,
+    so that image decoding overlaps the model's step. Errors are re-raised in the consumer."""
+
+    def __init__(self, source: Iterator, finish: Callable[[Any], Any], depth: int):
+        self._source, self._finish = source, finish
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="transrec-prefetch", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            for item in self._source:
+                if not self._put(self._finish(item)):
+                    return
+            self._put(_END)
+        except BaseException as error:  # handed to the consumer, raised there
+            self._put(_Failure(error))
+
+    def _put(self, item: Any) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __iter__(self) -> Iterator:
+        while True:
+            item = self._queue.get()
+            if item is _END:
+                return
+            if isinstance(item, _Failure):
+                raise item.error
+            yield item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._source = None  # drops the DataLoader iterator, which shuts its workers down
+
+
+class TrainLoader:
+    """Batches of this rank's part of the train sequences, images decoded ahead of the model.
+
+    Call `set_epoch(e)` before iterating epoch e (a different epoch starts from its beginning; the current
+    one keeps its position, so after `load_state_dict` iterating yields exactly the rest of that epoch).
+    `state_dict()` counts only the batches handed out, not those prefetched.
+    """
+
+    def __init__(self, data_cfg: DataConfig, dataset_dir: str | Path, batch_size: int, max_seq_len: int,
+                 num_negatives: int, seed: int, rank: int, world_size: int, decoder: ImageDecoder | None,
+                 mode: str = "mom", prefetch_batches: int = 2, verify: str = "full"):
+        if mode not in ITEM_MODES:
+            raise ValueError(f"item mode must be one of {ITEM_MODES}, got {mode!r}")
+        _use_rank(rank, world_size)
+        self.data_cfg, self.batch_size, self.max_seq_len = data_cfg, batch_size, max_seq_len
+        self.num_negatives, self.seed, self.world_size = num_negatives, seed, world_size
+        self.decoder, self.mode, self.prefetch_batches = decoder, mode, prefetch_batches
+        self.local_dir = local_dataset_dir(dataset_dir, data_cfg.cache_dir)
+        streamed = (STREAMED_SPLIT,) if is_remote(dataset_dir) else ()
+        self.store = ItemStore(self.local_dir, verify=verify, unverified=streamed)
+        remote = f"{str(dataset_dir).rstrip('/')}/train" if is_remote(dataset_dir) else None
+        nodes = int(os.environ["WORLD_SIZE"]) // int(os.environ["LOCAL_WORLD_SIZE"])
+        self._stream = _SequenceShards(remote=remote, local=str(self.local_dir / "train"), shuffle=True,
+                                       shuffle_seed=data_cfg.shuffle_seed, batch_size=batch_size,
+                                       num_canonical_nodes=nodes)
+        self.epoch = 0
+        self._samples_in_epoch = 0  # handed out in this epoch by all ranks (ranks step in lockstep)
+        # the shuffle's shape, fixed by the run that started the training (streaming's default for py1e)
+        self._canonical_nodes, self._initial_nodes = nodes, nodes
+
+    def __len__(self) -> int:
+        """Batches per epoch on this rank."""
+        return math.ceil(self._stream.length / self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch, self._samples_in_epoch = epoch, 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "samples_in_epoch": self._samples_in_epoch, "streaming": self._stream_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self._samples_in_epoch = int(state["epoch"]), int(state["samples_in_epoch"])
+        stream = state["streaming"]
+        if stream["shuffle_seed"] != self.data_cfg.shuffle_seed:
+            raise ValueError(f"the checkpoint's shuffle_seed is {stream['shuffle_seed']}, "
+                             f"the config's {self.data_cfg.shuffle_seed}")
+        self._canonical_nodes, self._initial_nodes = stream["num_canonical_nodes"], stream["initial_physical_nodes"]
+
+    def _stream_state(self) -> dict:
+        """StreamingDataset's resume state for our epoch and position. Built, never read from streaming: its
+        shared memory is shared by the ranks of a node, so reading it races with another rank's write."""
+        return {"epoch": self.epoch, "sample_in_epoch": self._samples_in_epoch,
+                "num_canonical_nodes": self._canonical_nodes, "shuffle_seed": self.data_cfg.shuffle_seed,
+                "initial_physical_nodes": self._initial_nodes}
+
+    def __iter__(self) -> Iterator[Batch]:
+        if self._samples_in_epoch >= self._stream.length * self.world_size:
+            return  # this epoch is done
+        # streaming starts each __iter__ from its resume state: point it at our epoch and position. Every
+        # rank of a node writes the same state before its own workers read it, so the writes agree.
+        self._stream.load_state_dict(self._stream_state())
+        self._stream.next_epoch = self.epoch  # else a state older than streaming's epoch count is ignored
+        collator = TrainCollator(self.store, self.max_seq_len, self.num_negatives, self.seed, self.epoch,
+                                 self.mode)
+        workers = self.data_cfg.loader_workers
+        batches = DataLoader(self._stream, batch_size=self.batch_size, num_workers=workers, collate_fn=collator)
+        prefetcher = _Prefetcher(iter(batches), self._decode_images, self.prefetch_batches)
+        try:
+            for batch in prefetcher:
+                self._samples_in_epoch += len(batch.users) * self.world_size
+                yield batch
+        finally:
+            prefetcher.close()
+
+    def _decode_images(self, batch: Batch) -> Batch:
+        if self.decoder is not None:
+            items = batch.items
+            items.images = self.decoder.decode(items.jpegs, item_ids=items.ids[items.image_rows].tolist())
+        return batch
+
+    def close(self) -> None:
+        """Releases the streaming dataset, so that another loader may open the same directory."""
+        self._stream = None
+        gc.collect()
+
+
+class _ShardedSequences:
+    """Random access to the sequences of an MDS split without StreamingDataset (no partitioning, no shared
+    memory), so that any number of evaluation loaders may be open at once."""
+
+    def __init__(self, split_dir: Path):
+        index = json.loads((split_dir / "index.json").read_text())
+        self._shards = [reader_from_json(str(split_dir), None, info) for info in index["shards"]]
+        self._starts = np.cumsum([0] + [shard.samples for shard in self._shards])
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def __getitem__(self, index: int) -> dict:
+        shard = int(np.searchsorted(self._starts, index, side="right")) - 1
+        return self._shards[shard].get_item(index - int(self._starts[shard]))
+
+
+class EvalLoader:
+    """EvalBatches of this rank's users (users rank::world_size). Every rank yields the same number of
+    batches of the same sizes (padded with rows valid=False), as collective forward calls under ZeRO-3 need."""
+
+    def __init__(self, dataset_dir: str | Path, split: str, batch_size: int, max_seq_len: int, rank: int,
+                 world_size: int, cache_dir: str = ""):
+        if split not in HELD_OUT:
+            raise ValueError(f"split must be one of {list(HELD_OUT)}, got {split!r}")
+        self.split, self.batch_size, self.max_seq_len = split, batch_size, max_seq_len
+        self._sequences = _ShardedSequences(local_dataset_dir(dataset_dir, cache_dir) / "eval")
+        self._mine = np.arange(rank, len(self._sequences), world_size)
+        self._rows_per_rank = math.ceil(len(self._sequences) / world_size)  # the most any rank has
+
+    def __len__(self) -> int:
+        return math.ceil(self._rows_per_rank / self.batch_size)
+
+    def __iter__(self) -> Iterator[EvalBatch]:
+        for start in range(0, self._rows_per_rank, self.batch_size):
+            rows = min(self.batch_size, self._rows_per_rank - start)
+            samples = [self._sequences[int(i)] for i in self._mine[start:start + rows]]
+            yield collate_eval(samples, self.split, self.max_seq_len, num_rows=rows)

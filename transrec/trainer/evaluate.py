@@ -1,0 +1,117 @@
+"""Full-ranking evaluation: every item of the catalogue encoded once, every eval user ranked against all.
+
+Items are split across ranks in equal-sized slices (each rank makes the same number of forward calls,
+which ZeRO-3 needs, since its parameters are gathered collectively), gathered into one matrix, then each
+rank scores its own users chunk by chunk. The user's history is masked out of the candidates; the
+target never is.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from transrec.dataloading.batch import EvalBatch
+from transrec.trainer.metrics import add_sums, count_higher, means, metric_sums
+
+
+def rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_reduce_sums(sums: dict[str, float]) -> dict[str, float]:
+    if rank_and_world()[1] == 1:
+        return sums
+    keys = sorted(sums)
+    values = torch.tensor([sums[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce(values)
+    return dict(zip(keys, values.tolist()))
+
+
+@torch.no_grad()
+def encode_catalogue(model, store, decoder, batch_size: int, device: torch.device, mode: str) -> torch.Tensor:
+    """[num_items, dim] float32 vectors of every item, each encoded exactly once across the ranks."""
+    rank, world = rank_and_world()
+    num_items = store.num_items
+    per_rank = math.ceil(num_items / world)
+    own = np.arange(rank * per_rank, (rank + 1) * per_rank)
+    own = np.where(own < num_items, own, num_items - 1)  # pad the last slice so all ranks call equally
+    chunks = []
+    for start in range(0, per_rank, batch_size):
+        ids = own[start : start + batch_size]
+        distinct, inverse = np.unique(ids, return_inverse=True)
+        items = store.item_batch(distinct, decoder, mode).to(device)
+        chunks.append(model.encode_items(items).float()[torch.from_numpy(inverse).to(device)])
+    mine = torch.cat(chunks)
+    if world > 1:
+        gathered = [torch.empty_like(mine) for _ in range(world)]
+        dist.all_gather(gathered, mine)
+        mine = torch.cat(gathered)
+    return mine[:num_items]
+
+
+def _excluded(batch: EvalBatch, start: int, stop: int) -> torch.Tensor:
+    """[B, stop-start] True where a candidate of this chunk is in the user's history and is not the target."""
+    seen = batch.seen
+    in_chunk = (seen >= start) & (seen < stop) & (seen != batch.target[:, None])
+    mask = torch.zeros(seen.shape[0], stop - start, dtype=torch.bool, device=seen.device)
+    rows = torch.arange(seen.shape[0], device=seen.device)[:, None].expand_as(seen)
+    mask[rows[in_chunk], seen[in_chunk] - start] = True
+    return mask
+
+
+def target_ranks(user_vecs: torch.Tensor, item_vecs: torch.Tensor, batch: EvalBatch, chunk: int = 65536) -> torch.Tensor:
+    """Rank of each user's target among all items, scoring `chunk` items at a time."""
+    target_scores = (user_vecs * item_vecs[batch.target]).sum(-1)
+    ranks = torch.zeros_like(batch.target)
+    for start in range(0, item_vecs.shape[0], chunk):
+        stop = min(start + chunk, item_vecs.shape[0])
+        scores = user_vecs @ item_vecs[start:stop].T
+        ranks += count_higher(scores, target_scores, _excluded(batch, start, stop))
+    return ranks
+
+
+@torch.no_grad()
+def evaluate_split(model, item_vecs: torch.Tensor, loader, ks: list[int], device: torch.device) -> dict[str, float]:
+    """HR@K and NDCG@K (means over all users of every rank) of `model` on one eval split."""
+    sums: dict[str, float] = {}
+    for batch in loader:
+        batch = batch.to(device)
+        history = item_vecs[batch.history].to(next(model.parameters()).dtype)
+        user_vecs = model.encode_users(history, batch.history_mask).float()
+        add_sums(sums, metric_sums(target_ranks(user_vecs, item_vecs, batch), ks, batch.valid))
+    return means(all_reduce_sums(sums))
+
+
+def evaluate_popularity(popularity: np.ndarray, loader, ks: list[int]) -> dict[str, float]:
+    """The popularity baseline under the same protocol: every user gets the train-count ranking."""
+    scores = torch.from_numpy(np.asarray(popularity, dtype=np.float64))
+    sums: dict[str, float] = {}
+    for batch in loader:
+        user_scores = scores[None].expand(batch.target.shape[0], -1)
+        ranks = count_higher(user_scores, scores[batch.target], _excluded(batch, 0, scores.shape[0]))
+        add_sums(sums, metric_sums(ranks, ks, batch.valid))
+    return means(all_reduce_sums(sums))
+
+
+def evaluate_model(model, data_path: str, cfg, splits=("valid", "test"), device: torch.device | None = None) -> dict:
+    """One-process evaluation of a plain (non-DeepSpeed) model on a prepared dataset: metrics per split."""
+    from transrec.dataloading.images import ImageDecoder
+    from transrec.dataloading.item_store import ItemStore
+    from transrec.dataloading.loader import EvalLoader
+
+    device = device or torch.device("cpu")
+    model = model.to(device).eval()
+    store = ItemStore(data_path)
+    decoder = ImageDecoder(cfg.data.image_size, cfg.data.image_decoder)
+    item_vecs = encode_catalogue(model, store, decoder, cfg.eval.item_batch_size, device, model.cfg.item_encoder)
+    results = {}
+    for split in splits:
+        loader = EvalLoader(data_path, split, cfg.eval.batch_size, model.cfg.max_seq_len, 0, 1)
+        results[split] = evaluate_split(model, item_vecs, loader, cfg.eval.ks, device)
+        results[f"{split}_popularity"] = evaluate_popularity(store.popularity, loader, cfg.eval.ks)
+    return results

@@ -1,0 +1,203 @@
+"""The train loop of one rank: a model and a loader wired with DeepSpeed, checkpoints, evaluation, logging.
+
+`train(cfg)` runs inside each Ray Train worker (or any process where torch.distributed is set up
+through the usual RANK/WORLD_SIZE/MASTER_ADDR variables). It resumes from the run's latest checkpoint
+when there is one, so a restarted worker group continues where it stopped.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from transrec.config import Config
+from transrec.trainer import checkpoint
+from transrec.trainer.evaluate import evaluate_popularity, evaluate_split, encode_catalogue, rank_and_world
+from transrec.trainer.runlog import RunLog
+
+
+def use_cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+def use_bf16(precision: str) -> bool:
+    if precision not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"train.precision must be auto, bf16 or fp32, got {precision!r}")
+    return precision == "bf16" or (precision == "auto" and use_cuda())
+
+
+def deepspeed_config(cfg: Config) -> dict:
+    zero: dict = {"stage": cfg.train.zero_stage}
+    if cfg.train.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": use_cuda()}
+    return {
+        "train_micro_batch_size_per_gpu": cfg.train.batch_size,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": cfg.train.grad_clip,
+        "zero_optimization": zero,
+        # a client torch AdamW: no JIT-compiled optimizer op on the CPU (STACK.md)
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "bf16": {"enabled": use_bf16(cfg.train.precision)},
+        "steps_per_print": 1 << 30,
+    }
+
+
+def warmup_then_linear_decay(warmup: int, total: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return factor
+
+
+def init_distributed() -> torch.device:
+    if not use_cuda():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="nccl" if use_cuda() else "gloo")
+    if use_cuda():
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def build_model(cfg: Config, num_items: int):
+    from transrec.models import TransRec
+
+    if cfg.init_from:
+        model = TransRec.from_pretrained(cfg.init_from, dtype=torch.float32)
+        if model.cfg.item_encoder == "id":
+            raise ValueError(f"{cfg.init_from} is an ID-embedding model: its item table cannot transfer to new items")
+        return model
+    return TransRec(replace(cfg.model, num_items=num_items))
+
+
+def train(cfg: Config) -> dict:
+    """Trains (or resumes) the run `cfg.name`; returns the summary that rank 0 also writes to results.json."""
+    from transrec.dataloading.images import ImageDecoder
+    from transrec.dataloading.item_store import ItemStore
+    from transrec.dataloading.loader import EvalLoader, TrainLoader
+
+    device = init_distributed()
+    import deepspeed
+
+    rank, world = rank_and_world()
+    run_dir = Path(cfg.output_dir) / cfg.name
+    checkpoint_dir = run_dir / "checkpoints"
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+
+    store = ItemStore(cfg.data.path)
+    model = build_model(cfg, store.num_items)
+    mode = model.cfg.item_encoder
+    model.loss.set_item_popularity(torch.as_tensor(store.popularity))
+    decoder = ImageDecoder(cfg.data.image_size, cfg.data.image_decoder)
+    loader = TrainLoader(cfg.data, cfg.data.path, batch_size=cfg.train.batch_size,
+                         max_seq_len=model.cfg.max_seq_len, num_negatives=cfg.data.num_negatives,
+                         seed=cfg.train.seed, rank=rank, world_size=world, decoder=decoder, mode=mode)
+    steps_per_epoch = len(loader)
+    total_steps = cfg.train.epochs * steps_per_epoch
+    if cfg.train.max_steps:
+        total_steps = min(total_steps, cfg.train.max_steps)
+
+    optimizer = torch.optim.AdamW(model.param_groups(cfg.train.lr, cfg.train.encoder_lr, cfg.train.weight_decay))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_linear_decay(cfg.train.warmup_steps, total_steps))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
+                                           config=deepspeed_config(cfg))
+    dtype = torch.bfloat16 if use_bf16(cfg.train.precision) else torch.float32
+
+    state = {"step": 0, "epoch": 0, "best": None, "history": []}
+    tag = checkpoint.latest_tag(checkpoint_dir)
+    if tag is None:
+        torch.manual_seed(cfg.train.seed + rank)  # dropout differs per rank; a resume restores it instead
+    else:
+        state = checkpoint.load(engine, checkpoint_dir, tag)
+        loader.load_state_dict(state.pop("loader"))
+
+    log = RunLog(run_dir, enabled=rank == 0, total=total_steps, initial=state["step"])
+    evaluators = {split: EvalLoader(cfg.data.path, split, cfg.eval.batch_size, model.cfg.max_seq_len, rank, world)
+                  for split in ("valid", "test")}
+    if "popularity" not in state:
+        state["popularity"] = {split: evaluate_popularity(store.popularity, ev, cfg.eval.ks)
+                               for split, ev in evaluators.items()}
+        log.write({"kind": "popularity", **flatten(state["popularity"])})
+
+    def save_checkpoint() -> None:
+        protected = {state["best"]["tag"]} if state["best"] else set()
+        checkpoint.save(engine, checkpoint_dir, f"step{state['step']}",
+                        {**state, "loader": loader.state_dict()}, cfg.train.keep_checkpoints, protected)
+
+    while state["step"] < total_steps and state["epoch"] < cfg.train.epochs:
+        loader.set_epoch(state["epoch"])
+        window = Throughput()
+        for batch in loader:
+            batch = batch.to(device)
+            if batch.items.images is not None:
+                batch.items.images = batch.items.images.to(dtype)
+            loss = engine(batch)
+            engine.backward(loss)
+            engine.step()
+            state["step"] += 1
+            window.add(batch.users.shape[0] * world, batch.items.ids.shape[0] * world)
+            log.step(loss.item())
+            if state["step"] % cfg.train.log_every == 0:
+                log.write({"kind": "train", "step": state["step"], "epoch": state["epoch"], "loss": loss.item(),
+                           "lr": schedule.get_last_lr()[-1], **window.rates()})
+                window = Throughput()
+            if cfg.train.checkpoint_every and state["step"] % cfg.train.checkpoint_every == 0:
+                save_checkpoint()
+            if state["step"] >= total_steps:
+                break
+        else:
+            state["epoch"] += 1  # the epoch ran to its end
+        if state["step"] >= total_steps or state["epoch"] % cfg.eval.every_epochs == 0:
+            metrics = evaluate(engine.module, store, decoder, evaluators, cfg, device, mode)
+            record = {"step": state["step"], "epoch": state["epoch"], "tag": f"step{state['step']}", **metrics}
+            state["history"].append(record)
+            selected = f"valid/{cfg.eval.select_metric}"
+            if state["best"] is None or record[selected] > state["best"][selected]:
+                state["best"] = record
+            log.write({"kind": "eval", **record})
+        save_checkpoint()
+
+    summary = {"name": cfg.name, "steps": state["step"], "epochs": state["epoch"], "best": state["best"],
+               "popularity": state.get("popularity"), "history": state["history"]}
+    if rank == 0:
+        (run_dir / "results.json").write_text(json.dumps(summary, indent=2))
+    log.close()
+    return summary
+
+
+class Throughput:
+    """Sequences and distinct items per second since the window opened."""
+
+    def __init__(self):
+        self.start, self.sequences, self.items = time.perf_counter(), 0, 0
+
+    def add(self, sequences: int, items: int) -> None:
+        self.sequences += sequences
+        self.items += items
+
+    def rates(self) -> dict[str, float]:
+        elapsed = time.perf_counter() - self.start
+        return {"sequences_per_s": self.sequences / elapsed, "items_encoded_per_s": self.items / elapsed}
+
+
+def flatten(per_split: dict[str, dict[str, float]]) -> dict[str, float]:
+    return {f"{split}/{k}": v for split, metrics in per_split.items() for k, v in metrics.items()}
+
+
+def evaluate(model, store, decoder, evaluators: dict, cfg: Config, device, mode: str) -> dict:
+    model.eval()
+    item_vecs = encode_catalogue(model, store, decoder, cfg.eval.item_batch_size, device, mode)
+    metrics = flatten({split: evaluate_split(model, item_vecs, loader, cfg.eval.ks, device)
+                       for split, loader in evaluators.items()})
+    model.train()
+    return metrics

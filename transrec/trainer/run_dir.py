@@ -1,0 +1,61 @@
+"""The run directory: RUN/config.yaml (the resolved config), checkpoints/, metrics.jsonl, results.json."""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import yaml
+
+from transrec.config import Config, ConfigError, ModelConfig, from_dict, load_config
+from transrec.trainer.checkpoint import latest_tag
+
+
+def absolute(path: str) -> str:
+    """Workers may start in another directory (or on another node): they get absolute local paths."""
+    return path if not path or "://" in path else str(Path(path).resolve())
+
+
+def resolve(cfg: Config) -> Config:
+    """Absolute paths; with `init_from`, the model section is the exported model's own."""
+    cfg = replace(cfg, output_dir=absolute(cfg.output_dir), init_from=absolute(cfg.init_from),
+                  data=replace(cfg.data, path=absolute(cfg.data.path)))
+    if cfg.init_from:
+        exported = Path(cfg.init_from) / "config.json"
+        if not exported.exists():
+            raise ConfigError(f"init_from: {exported} not found; expected a directory written by `transrec export`")
+        cfg = replace(cfg, model=from_dict(ModelConfig, json.loads(exported.read_text()), str(exported)))
+    return cfg
+
+
+def prepare(cfg: Config, resume: bool) -> Config:
+    """Creates (or, with `resume`, reopens) the run directory and writes the resolved config into it."""
+    cfg = resolve(cfg)
+    run_dir = cfg.run_dir
+    if latest_tag(run_dir / "checkpoints") is not None and not resume:
+        raise ConfigError(f"run {run_dir} already has checkpoints: pass --resume to continue it, or pick another name")
+    if not resume and run_dir.exists():
+        for stale in ("metrics.jsonl", "results.json"):
+            (run_dir / stale).unlink(missing_ok=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    return cfg
+
+
+def run_config(run_dir: Path) -> Config:
+    path = run_dir / "config.yaml"
+    if not path.exists():
+        raise FileNotFoundError(f"{run_dir} is not a run directory: {path} is missing")
+    return load_config(path)
+
+
+def best_or_latest_tag(run_dir: Path) -> str:
+    results = run_dir / "results.json"
+    if results.exists():
+        best = json.loads(results.read_text()).get("best")
+        if best and (run_dir / "checkpoints" / best["tag"]).is_dir():
+            return best["tag"]
+    tag = latest_tag(run_dir / "checkpoints")
+    if tag is None:
+        raise FileNotFoundError(f"{run_dir / 'checkpoints'} holds no checkpoint")
+    return tag
