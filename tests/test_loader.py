@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from streaming.base.util import clean_stale_shared_memory
 
 from transrec.config import DataConfig
 from transrec.dataloading.images import ImageDecodeError, ImageDecoder
@@ -22,16 +21,16 @@ REPO = Path(__file__).parents[1]
 
 
 @pytest.fixture(autouse=True)
-def released_streaming_memory():
-    """One live StreamingDataset per directory per process: every test leaves none behind."""
+def released_streaming_datasets():
+    """One live StreamingDataset per directory per process: no test leaves one behind, even when it fails.
+    (Not clean_stale_shared_memory(): it unlinks the shared memory of every streaming user of the machine.)"""
     yield
     gc.collect()
-    clean_stale_shared_memory()
 
 
-def make_loader(dataset: Path, workers: int = 1, decoder=None, seed: int = 3) -> TrainLoader:
+def make_loader(dataset: Path, workers: int = 1, decoder=None, mode: str = "mom") -> TrainLoader:
     return TrainLoader(DataConfig(loader_workers=workers), dataset, batch_size=BATCH, max_seq_len=MAX_SEQ_LEN,
-                       num_negatives=NEGATIVES, seed=seed, rank=0, world_size=1, decoder=decoder)
+                       num_negatives=NEGATIVES, seed=3, rank=0, world_size=1, decoder=decoder, mode=mode)
 
 
 def fingerprint(batch) -> list[tuple]:
@@ -93,6 +92,14 @@ def test_resume_yields_exactly_the_rest_of_the_epoch(tiny_dataset):
     resumed.set_epoch(2)
     assert sorted(s for b in resumed for s, _ in fingerprint(b)) == list(range(120))
     resumed.close()
+
+
+def test_text_mode_sends_every_item_to_the_text_encoder(tiny_dataset):
+    loader = make_loader(tiny_dataset, workers=0, decoder=ImageDecoder(16, backend="pil"), mode="text")
+    batch = next(iter(loader))
+    assert batch.items.text_rows.tolist() == list(range(len(batch.items.ids)))
+    assert len(batch.items.image_rows) == 0 and batch.items.images.shape == (0, 3, 16, 16)
+    loader.close()
 
 
 def test_decode_errors_reach_the_trainer(tiny_dataset):

@@ -83,7 +83,7 @@ def build_model(cfg: Config, num_items: int):
 def train(cfg: Config) -> dict:
     """Trains (or resumes) the run `cfg.name`; returns the summary that rank 0 also writes to results.json."""
     from transrec.dataloading.images import ImageDecoder
-    from transrec.dataloading.item_store import ItemStore
+    from transrec.dataloading.item_store import read_manifest
     from transrec.dataloading.loader import EvalLoader, TrainLoader
 
     device = init_distributed()
@@ -94,14 +94,15 @@ def train(cfg: Config) -> dict:
     checkpoint_dir = run_dir / "checkpoints"
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
 
-    store = ItemStore(cfg.data.path)
-    model = build_model(cfg, store.num_items)
+    num_items = read_manifest(cfg.data.path)["num_items"]
+    model = build_model(cfg, num_items)
     mode = model.cfg.item_encoder
-    model.loss.set_item_popularity(torch.as_tensor(store.popularity))
     decoder = ImageDecoder(cfg.data.image_size, cfg.data.image_decoder)
     loader = TrainLoader(cfg.data, cfg.data.path, batch_size=cfg.train.batch_size,
                          max_seq_len=model.cfg.max_seq_len, num_negatives=cfg.data.num_negatives,
                          seed=cfg.train.seed, rank=rank, world_size=world, decoder=decoder, mode=mode)
+    store = loader.store  # opened (and checked against the manifest) once
+    model.loss.set_item_popularity(torch.as_tensor(store.popularity))
     steps_per_epoch = len(loader)
     total_steps = cfg.train.epochs * steps_per_epoch
     if cfg.train.max_steps:
