@@ -41,15 +41,14 @@ def connect(cluster: ClusterConfig) -> None:
 
     if ray.is_initialized():
         return
-    # without this Ray replaces 127.0.0.1 by the host's address and listens on every interface (STACK.md)
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     runtime_env = {"env_vars": worker_env()}
     if cluster.address:
         ray.init(address=cluster.address, runtime_env=runtime_env)
         return
     needed = cluster.num_workers * cluster.cpus_per_worker
-    ray.init(num_cpus=max(os.cpu_count() or 1, needed), include_dashboard=False, runtime_env=runtime_env,
-             _node_ip_address="127.0.0.1")
+    # the dashboard serves Ray's state API, which Ray Train's placement-group cleaner polls
+    ray.init(num_cpus=max(os.cpu_count() or 1, needed), include_dashboard=True, dashboard_host="127.0.0.1",
+             runtime_env=runtime_env)
 
 
 def _worker_main(loop_config: dict) -> None:

@@ -11,6 +11,8 @@ from transrec.config import ConfigError, load_config
 from transrec.dataloading.item_store import DatasetFileError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no model hub here: encoders come from config or local paths
+# read when Ray is imported: the embedded cluster's node address is 127.0.0.1 and it binds loopback only
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:

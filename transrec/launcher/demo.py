@@ -12,7 +12,7 @@ from pathlib import Path
 
 from transrec.config import load_config
 
-SOURCE = {"users": 1500, "items": 800, "seed": 0}
+SOURCE = {"users": 1000, "items": 600, "seed": 0}
 TARGET = {"users": 600, "items": 400, "seed": 1}
 
 

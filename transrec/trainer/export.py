@@ -6,7 +6,6 @@ Written to a temporary directory and renamed into place.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import tempfile
@@ -15,18 +14,11 @@ from pathlib import Path
 
 import torch
 
+from transrec.dataloading.prepare import sha256_file
 from transrec.trainer.checkpoint import consolidated_state_dict
 from transrec.trainer.run_dir import best_or_latest_tag, run_config
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def load_checkpoint_model(run_dir: Path, tag: str | None = None):
@@ -51,7 +43,7 @@ def export(run_dir: Path, out: Path, tag: str | None = None, dtype: str = "bfloa
     try:
         model.save_pretrained(tmp, dtype=DTYPES[dtype])
         shutil.copytree(Path(cfg.data.path) / "tokenizer", tmp / "tokenizer")
-        files = {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": sha256(p)}
+        files = {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
                  for p in sorted(tmp.rglob("*")) if p.is_file()}
         manifest = {"format": 1, "run": str(run_dir), "tag": tag, "dtype": dtype,
                     "dataset": cfg.data.path, "files": files}
