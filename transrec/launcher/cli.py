@@ -9,6 +9,7 @@ from pathlib import Path
 
 from transrec.config import ConfigError, load_config
 from transrec.dataloading.item_store import DatasetFileError
+from transrec.launcher import cluster_commands
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no model hub here: encoders come from config or local paths
 # read when Ray is imported: the embedded cluster's node address is 127.0.0.1 and it binds loopback only
@@ -65,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="synthetic source -> pretrain -> fine-tune on a disjoint target")
     demo.add_argument("--workdir", type=Path, default=Path("."), help="where data/, runs/ and exports/ go")
     demo.add_argument("--config", default=str(Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"))
+    cluster_commands.add_parsers(commands)
     return parser
 
 
@@ -127,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
             from transrec.launcher.demo import run_demo
 
             run_demo(args.workdir, args.config)
+        elif args.command in cluster_commands.COMMANDS:
+            return cluster_commands.run(args)
     except (ConfigError, DatasetFileError, FileNotFoundError, ValueError) as err:
         print(f"transrec {args.command}: error: {err}", file=sys.stderr)
         return 2
