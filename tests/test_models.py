@@ -175,6 +175,38 @@ def test_frozen_blocks_get_no_grad_trainable_ones_do():
         assert any(p.grad.any() for p in module.parameters())
 
 
+def test_all_trainable_text_tower_trains_its_embeddings():
+    torch.manual_seed(0)
+    cfg = model_config()
+    model = TransRec(dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, trainable_blocks=-1)))
+    model(make_batch(SEQUENCES, T=6)).backward()
+    assert model.item_encoder.text.body.embeddings.word_embeddings.weight.grad.any()
+
+
+def test_cached_frozen_layers_give_identical_loss_and_grads_and_compute_each_item_once():
+    def run(cache: bool):
+        torch.manual_seed(0)
+        cfg = model_config()
+        model = TransRec(dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, cache_frozen=cache)))
+        frozen_rows = count_calls(model.item_encoder.text.body.encoder.layer[0])
+        losses, grads = [], []
+        for step in range(2):  # the second step finds every item of the first in the cache
+            model.zero_grad()
+            loss = model(make_batch(SEQUENCES, T=6, seed=step))
+            loss.backward()
+            losses.append(loss.detach())
+            grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+        return losses, grads, frozen_rows
+
+    plain_losses, plain_grads, plain_rows = run(cache=False)
+    cached_losses, cached_grads, cached_rows = run(cache=True)
+    assert all(torch.equal(a, b) for a, b in zip(plain_losses, cached_losses))
+    for step_a, step_b in zip(plain_grads, cached_grads):
+        assert all(torch.equal(a, b) for a, b in zip(step_a, step_b))
+    text_items = len({i for seq in SEQUENCES for i in seq if i % 2 == 0})
+    assert sum(plain_rows) > sum(cached_rows) >= text_items  # new negatives may add items on step 2
+
+
 def test_resnet_blocks_are_stages_and_frozen_batchnorms_keep_statistics():
     cfg = ImageEncoderConfig(name="resnet18", kwargs=dict(TINY_RESNET), trainable_blocks=2)
     tower = ImageItemEncoder(cfg, dim=16).train()

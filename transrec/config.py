@@ -38,6 +38,8 @@ class TextEncoderConfig:
     config: dict = field(default_factory=dict)
     trainable_blocks: int = 2  # top transformer blocks fine-tuned; -1 = all
     pooling: str = "mean"  # mean | cls
+    # keep each item's frozen-layer output in memory after its first encoding (ZeRO-1/2; catalogue-sized memory)
+    cache_frozen: bool = False
 
 
 @dataclass
@@ -60,7 +62,8 @@ class ModelConfig:
     dropout: float = 0.1
     attention: str = "causal"  # causal (SASRec: every position predicts the next) | bidirectional (TransRec)
     max_seq_len: int = 50  # most recent items of a history the user encoder sees
-    loss: str = "bce"  # bce (sampled negatives, TransRec) | inbatch (softmax with logQ, MicroLens)
+    loss: str = "bce"  # bce (sampled negatives, TransRec) | inbatch (softmax over the batch's items, MicroLens)
+    logq_correction: bool = True  # inbatch: subtract log popularity from candidate logits (sampling-bias correction)
     gradient_checkpointing: bool = False  # on the item encoders
     num_items: int = 0  # set from the dataset manifest (size of the ID table)
 
@@ -82,6 +85,7 @@ class TrainConfig:
     checkpoint_every: int = 0  # optimizer steps between checkpoints; 0 = at the end of each epoch only
     keep_checkpoints: int = 3
     log_every: int = 10
+    log_sample_ids: bool = False  # audit: RUN/samples/rank<r>.jsonl records (step, epoch, sample ids) per batch
 
 
 @dataclass
@@ -100,6 +104,7 @@ class ClusterConfig:
     cpus_per_worker: int = 1
     use_gpu: str = "auto"  # auto | true | false
     max_failures: int = 0  # worker-group restarts before the run fails
+    placement: str = "pack"  # pack (fewest nodes) | spread (over nodes) | strict_pack | strict_spread
 
 
 @dataclass

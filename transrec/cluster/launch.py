@@ -11,17 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from transrec.config import ClusterConfig, Config, ConfigError, from_dict
-
-
-def wants_gpu(cluster: ClusterConfig) -> bool:
-    if cluster.use_gpu not in ("auto", "true", "false"):
-        raise ConfigError(f"cluster.use_gpu must be auto, true or false, got {cluster.use_gpu!r}")
-    if cluster.use_gpu == "auto":
-        import torch
-
-        return torch.cuda.is_available()
-    return cluster.use_gpu == "true"
+from transrec.config import ClusterConfig, Config, from_dict
 
 
 def worker_env() -> dict[str, str]:
@@ -36,7 +26,9 @@ def worker_env() -> dict[str, str]:
 
 
 def connect(cluster: ClusterConfig) -> None:
-    """Joins `cluster.address`, or starts an embedded single-node cluster that listens on loopback only."""
+    """Joins a cluster: `cluster.address`; else, inside a Ray job, the job's cluster (RAY_ADDRESS); else the
+    embedded cluster of `transrec cluster up` when it runs; else starts an in-process single-node cluster
+    that listens on loopback only."""
     import ray
 
     if ray.is_initialized():
@@ -45,6 +37,17 @@ def connect(cluster: ClusterConfig) -> None:
     if cluster.address:
         ray.init(address=cluster.address, runtime_env=runtime_env)
         return
+    job_address = os.environ.get("RAY_ADDRESS", "")
+    if job_address and "://" not in job_address:  # a job's driver: Ray names the cluster it runs on
+        ray.init(runtime_env=runtime_env)
+        return
+    from transrec.cluster.embedded import cluster_pids, read_state
+
+    state = read_state()
+    if state is not None and cluster_pids(state.cluster_id):
+        print(f"transrec: joining the embedded cluster at {state.gcs_address}", file=sys.stderr)
+        ray.init(address=state.gcs_address, runtime_env=runtime_env)
+        return
     needed = cluster.num_workers * cluster.cpus_per_worker
     # the dashboard serves Ray's state API, which Ray Train's placement-group cleaner polls
     ray.init(num_cpus=max(os.cpu_count() or 1, needed), include_dashboard=True, dashboard_host="127.0.0.1",
@@ -52,24 +55,38 @@ def connect(cluster: ClusterConfig) -> None:
 
 
 def _worker_main(loop_config: dict) -> None:
+    import ray.train
+
+    from transrec.cluster.scaling import check_storage
     from transrec.trainer.loop import train
 
-    train(from_dict(Config, loop_config["config"], "run config"))
+    cfg = from_dict(Config, loop_config["config"], "run config")
+    # each worker writes its own checkpoint shard: its node must reach the run's storage
+    check_storage(cfg.run_dir, f"worker rank {ray.train.get_context().get_world_rank()}")
+    train(cfg)
 
 
 def train_on_cluster(cfg: Config) -> dict:
-    """Runs the training job of `cfg` (already prepared by `trainer.run_dir.prepare`) and returns its summary."""
+    """Runs the training job of `cfg` (already prepared by `trainer.run_dir.prepare`) and returns its summary.
+    The scaling config is checked against the cluster's live nodes before any worker starts."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    use_gpu = wants_gpu(cfg.cluster)
+    from transrec.cluster.scaling import (check_scaling, check_storage, placement_strategy, ray_nodes,
+                                          resolve_use_gpu, worker_resources)
+
+    check_storage(cfg.run_dir)
+    placement = placement_strategy(cfg.cluster)
     connect(cfg.cluster)
-    resources = {"CPU": cfg.cluster.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+    nodes = ray_nodes()
+    use_gpu = resolve_use_gpu(cfg.cluster, nodes)
+    check_scaling(cfg.cluster, nodes, use_gpu)
     trainer = TorchTrainer(
         _worker_main,
         train_loop_config={"config": cfg.to_dict()},
         scaling_config=ScalingConfig(num_workers=cfg.cluster.num_workers, use_gpu=use_gpu,
-                                     resources_per_worker=resources),
+                                     resources_per_worker=worker_resources(cfg.cluster, use_gpu),
+                                     placement_strategy=placement),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(name="ray", storage_path=str(cfg.run_dir),
                              failure_config=FailureConfig(max_failures=cfg.cluster.max_failures)),

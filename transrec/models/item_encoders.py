@@ -51,7 +51,7 @@ class MoMItemEncoder(nn.Module):
     def forward(self, items: ItemBatch) -> torch.Tensor:
         parts: list[tuple[torch.Tensor, torch.Tensor]] = []
         if self.text is not None:
-            parts.append((items.text_rows, self.text(items.input_ids, items.attention_mask)))
+            parts.append((items.text_rows, self.text(items.input_ids, items.attention_mask, items.ids[items.text_rows])))
         if self.image is not None:
             images = items.images
             if images is None:  # no image item in this batch, so nothing was decoded

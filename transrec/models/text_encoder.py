@@ -31,26 +31,72 @@ class TextItemEncoder(nn.Module):
         self.pooling = cfg.pooling
         self.body = _load_body(cfg)
         self.proj = nn.Linear(self.body.config.hidden_size, dim)
-        if cfg.trainable_blocks >= 0:
-            # Frozen embeddings and lower layers receive no input that requires grad, so autograd
-            # records nothing for them: they cost a plain forward pass and no activation memory.
-            self.body.requires_grad_(False)
-            layers = self.body.encoder.layer
-            layers[max(len(layers) - cfg.trainable_blocks, 0) :].requires_grad_(True)
+        layers = self.body.encoder.layer
+        # The embeddings and the layers below `first_trainable` are frozen: a fixed function of the tokens.
+        self.all_trainable = cfg.trainable_blocks < 0
+        self.first_trainable = 0 if self.all_trainable else max(len(layers) - cfg.trainable_blocks, 0)
+        for module in self.frozen_modules():
+            module.requires_grad_(False)
+        # Per item id, the frozen part's output (trimmed to the item's tokens): computed once, reused.
+        self.cache_frozen = cfg.cache_frozen
+        self._frozen_outputs: dict[int, torch.Tensor] = {}
 
     def enable_gradient_checkpointing(self) -> None:
         # Non-reentrant: it gives the trainable top layers gradients even though their input (the
         # frozen layers' output) does not require grad, and it works under DeepSpeed ZeRO-3.
         self.body.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def frozen_modules(self) -> list[nn.Module]:
+        if self.all_trainable:
+            return []
+        return [self.body.embeddings, *self.body.encoder.layer[: self.first_trainable]]
+
+    @torch.no_grad()
+    def _frozen_forward(self, input_ids: torch.Tensor, additive_mask: torch.Tensor) -> torch.Tensor:
+        """Embeddings and frozen layers, without autograd and without dropout (frozen means fixed)."""
+        embeddings, *layers = self.frozen_modules()
+        for module in (embeddings, *layers):
+            module.eval()
+        hidden = embeddings(input_ids=input_ids)
+        for layer in layers:
+            hidden = layer(hidden, attention_mask=additive_mask)[0]
+        for module in (embeddings, *layers):
+            module.train(self.training)
+        return hidden
+
+    def _frozen_cached(self, input_ids, attention_mask, additive_mask, item_ids: torch.Tensor) -> torch.Tensor:
+        ids = item_ids.tolist()
+        missing = [row for row, item in enumerate(ids) if item not in self._frozen_outputs]
+        if missing:
+            computed = self._frozen_forward(input_ids[missing], additive_mask[missing])
+            for row, states in zip(missing, computed):
+                self._frozen_outputs[ids[row]] = states[: int(attention_mask[row].sum())].clone()
+        hidden = input_ids.new_zeros(*input_ids.shape, self.body.config.hidden_size, dtype=self.proj.weight.dtype)
+        for row, item in enumerate(ids):
+            states = self._frozen_outputs[item]
+            hidden[row, : states.size(0)] = states
+        return hidden
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                item_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """`item_ids` (global item index per row) lets the frozen part's output be cached per item."""
         n = input_ids.size(0)
         if n == 0:
             # BERT cannot reshape an empty batch; run one 1-token dummy row instead, so every rank still
             # calls the same submodules (ZeRO-3 gathers parameters per call) and gets zero grads.
             input_ids = input_ids.new_zeros(1, 1)
             attention_mask = attention_mask.new_ones(1, 1)
-        hidden = self.body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            item_ids = None
+        additive_mask = self.body.get_extended_attention_mask(attention_mask, input_ids.shape)
+        additive_mask = additive_mask.to(self.proj.weight.dtype)
+        if self.all_trainable:
+            hidden = self.body.embeddings(input_ids=input_ids)
+        elif self.cache_frozen and item_ids is not None:
+            hidden = self._frozen_cached(input_ids, attention_mask, additive_mask, item_ids)
+        else:
+            hidden = self._frozen_forward(input_ids, additive_mask)
+        for layer in self.body.encoder.layer[self.first_trainable :]:
+            hidden = layer(hidden, attention_mask=additive_mask)[0]
         if self.pooling == "cls":
             pooled = hidden[:, 0]
         else:

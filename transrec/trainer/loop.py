@@ -16,6 +16,7 @@ import torch
 
 from transrec.config import Config
 from transrec.trainer import checkpoint
+from transrec.trainer.audit import SampleAudit
 from transrec.trainer.evaluate import evaluate_popularity, evaluate_split, encode_catalogue, rank_and_world
 from transrec.trainer.runlog import RunLog
 
@@ -102,26 +103,26 @@ def train(cfg: Config) -> dict:
                          max_seq_len=model.cfg.max_seq_len, num_negatives=cfg.data.num_negatives,
                          seed=cfg.train.seed, rank=rank, world_size=world, decoder=decoder, mode=mode)
     store = loader.store  # opened (and checked against the manifest) once
-    model.loss.set_item_popularity(torch.as_tensor(store.popularity))
-    steps_per_epoch = len(loader)
-    total_steps = cfg.train.epochs * steps_per_epoch
-    if cfg.train.max_steps:
-        total_steps = min(total_steps, cfg.train.max_steps)
+    if model.cfg.logq_correction:
+        model.loss.set_item_popularity(torch.as_tensor(store.popularity))
+    # The LR schedule spans all epochs; max_steps only stops the loop, so a run stopped by max_steps and
+    # resumed with a larger one follows the same schedule as one that never stopped.
+    schedule_steps = cfg.train.epochs * len(loader)
+    total_steps = min(schedule_steps, cfg.train.max_steps) if cfg.train.max_steps else schedule_steps
 
     optimizer = torch.optim.AdamW(model.param_groups(cfg.train.lr, cfg.train.encoder_lr, cfg.train.weight_decay))
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_linear_decay(cfg.train.warmup_steps, total_steps))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_linear_decay(cfg.train.warmup_steps, schedule_steps))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
                                            config=deepspeed_config(cfg))
     dtype = torch.bfloat16 if use_bf16(cfg.train.precision) else torch.float32
 
-    state = {"step": 0, "epoch": 0, "best": None, "history": []}
-    tag = checkpoint.latest_tag(checkpoint_dir)
-    if tag is None:
-        torch.manual_seed(cfg.train.seed + rank)  # dropout differs per rank; a resume restores it instead
-    else:
-        state = checkpoint.load(engine, checkpoint_dir, tag)
+    torch.manual_seed(cfg.train.seed + rank)  # dropout differs per rank; a resume restores it instead
+    state = checkpoint.load_newest(engine, checkpoint_dir) or {"step": 0, "epoch": 0, "best": None, "history": []}
+    if "loader" in state:
         loader.load_state_dict(state.pop("loader"))
 
+    audit = SampleAudit(run_dir, rank, cfg.train.log_sample_ids)  # which samples this rank trains on
+    audit.start(state["step"], state["epoch"])
     log = RunLog(run_dir, enabled=rank == 0, total=total_steps, initial=state["step"])
     evaluators = {split: EvalLoader(cfg.data.path, split, cfg.eval.batch_size, model.cfg.max_seq_len, rank, world)
                   for split in ("valid", "test")}
@@ -138,7 +139,7 @@ def train(cfg: Config) -> dict:
     while state["step"] < total_steps and state["epoch"] < cfg.train.epochs:
         loader.set_epoch(state["epoch"])
         window = Throughput()
-        for batch in loader:
+        for batch in checkpoint.rng_isolated(loader):
             batch = batch.to(device)
             if batch.items.images is not None:
                 batch.items.images = batch.items.images.to(dtype)
@@ -146,6 +147,7 @@ def train(cfg: Config) -> dict:
             engine.backward(loss)
             engine.step()
             state["step"] += 1
+            audit.batch(state["step"], state["epoch"], batch.sample_ids.tolist())
             window.add(batch.users.shape[0] * world, batch.items.ids.shape[0] * world)
             log.step(loss.item())
             if state["step"] % cfg.train.log_every == 0:

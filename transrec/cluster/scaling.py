@@ -1,0 +1,85 @@
+"""The scaling config (workers, CPUs/GPUs per worker, placement) checked against a cluster's nodes, and the
+checkpoint storage checked for writes, both before any training starts."""
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+from transrec.config import ClusterConfig, ConfigError
+
+PLACEMENTS = {"pack": "PACK", "spread": "SPREAD", "strict_pack": "STRICT_PACK", "strict_spread": "STRICT_SPREAD"}
+
+
+def placement_strategy(cluster: ClusterConfig) -> str:
+    """Ray's placement-group strategy for `cluster.placement`: pack (fewest nodes, best effort), spread (one
+    worker per node where possible), or their strict forms (fail rather than bend)."""
+    if cluster.placement not in PLACEMENTS:
+        raise ConfigError(f"cluster.placement must be one of {', '.join(PLACEMENTS)}, got {cluster.placement!r}")
+    return PLACEMENTS[cluster.placement]
+
+
+def worker_resources(cluster: ClusterConfig, use_gpu: bool) -> dict[str, float]:
+    if cluster.num_workers < 1 or cluster.cpus_per_worker < 1:
+        raise ConfigError(f"cluster.num_workers and cluster.cpus_per_worker must be >= 1, got "
+                          f"{cluster.num_workers} and {cluster.cpus_per_worker}")
+    return {"CPU": float(cluster.cpus_per_worker), **({"GPU": 1.0} if use_gpu else {})}
+
+
+def resolve_use_gpu(cluster: ClusterConfig, nodes: list[dict]) -> bool:
+    """`cluster.use_gpu`: true, false, or auto = use GPUs when the cluster has any (NCCL, DALI's GPU decoder)."""
+    if cluster.use_gpu not in ("auto", "true", "false"):
+        raise ConfigError(f"cluster.use_gpu must be auto, true or false, got {cluster.use_gpu!r}")
+    if cluster.use_gpu == "auto":
+        return any(node["resources"].get("GPU", 0) > 0 for node in nodes if node["alive"])
+    return cluster.use_gpu == "true"
+
+
+def check_scaling(cluster: ClusterConfig, nodes: list[dict], use_gpu: bool) -> dict:
+    """Raises a ConfigError that says what is missing when the cluster's live nodes cannot hold the workers
+    under the placement; returns a summary. `nodes`: [{"alive": bool, "resources": {"CPU": .., "GPU": ..}}]."""
+    need = worker_resources(cluster, use_gpu)
+    strategy = placement_strategy(cluster)
+    alive = [node["resources"] for node in nodes if node["alive"]]
+    fits = [int(min(res.get(key, 0.0) // amount for key, amount in need.items())) for res in alive]
+    if strategy == "STRICT_SPREAD":
+        possible = sum(1 for n in fits if n >= 1)
+    elif strategy == "STRICT_PACK":
+        possible = max(fits, default=0)
+    else:
+        possible = sum(fits)
+    totals = {key: sum(res.get(key, 0.0) for res in alive) for key in ("CPU", "GPU")}
+    summary = {"nodes": len(alive), "cpus": totals["CPU"], "gpus": totals["GPU"], "max_workers": possible,
+               "placement": strategy, "use_gpu": use_gpu}
+    if cluster.num_workers > possible:
+        per_worker = f"{cluster.cpus_per_worker} CPU" + (" + 1 GPU" if use_gpu else "")
+        where = {"STRICT_SPREAD": " on distinct nodes", "STRICT_PACK": " on one node"}.get(strategy, "")
+        hint = ("set cluster.use_gpu=false, or add GPU nodes" if use_gpu and totals["GPU"] < cluster.num_workers
+                else "lower cluster.num_workers or cluster.cpus_per_worker, or add nodes")
+        raise ConfigError(
+            f"cluster.num_workers={cluster.num_workers} workers x ({per_worker}) cannot be placed: the cluster has "
+            f"{totals['CPU']:g} CPUs and {totals['GPU']:g} GPUs on {len(alive)} live node(s), room for "
+            f"{possible} such worker(s){where} (placement {cluster.placement}); {hint}")
+    return summary
+
+
+def ray_nodes() -> list[dict]:
+    """The nodes of the cluster this process is connected to (ray.init done), in check_scaling's shape."""
+    import ray
+
+    return [{"alive": bool(node["Alive"]), "resources": dict(node["Resources"])} for node in ray.nodes()]
+
+
+def check_storage(run_dir: str | Path, who: str = "") -> None:
+    """Fails now, with the reason, when the run's checkpoint directory cannot be created or written."""
+    if "://" in str(run_dir):
+        return  # remote storage is checked by whatever writes it
+    path = Path(run_dir) / "checkpoints"
+    probe = path / f".write-probe-{socket.gethostname()}-{os.getpid()}"
+    where = f" from {who}" if who else ""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"checkpoint storage {path} is not writable{where}: {err.strerror or err}") from None
