@@ -89,3 +89,16 @@ def test_collate_eval_targets_history_seen_and_padding():
     test = collate_eval(samples, "test", max_seq_len=10, num_rows=2)
     assert test.target.tolist() == [9, 3] and test.seen.tolist() == [[5, 6, 7, 8], [1, 2, -1, -1]]
     assert test.history.tolist() == [[5, 6, 7, 8], [0, 0, 1, 2]]
+
+
+def test_random_windows_are_contiguous_reproducible_and_move_across_epochs():
+    from transrec.dataloading.collate import choose_window, sample_rng
+
+    sequence = np.arange(100, 160)
+    windows = {epoch: choose_window(sequence, 11, sample_rng(5, epoch, 3), "random") for epoch in range(6)}
+    for window in windows.values():
+        assert len(window) == 11 and np.array_equal(window, np.arange(window[0], window[0] + 11))
+    assert np.array_equal(windows[0], choose_window(sequence, 11, sample_rng(5, 0, 3), "random"))
+    assert len({int(w[-1]) for w in windows.values()}) > 1  # not always the most recent items
+    assert np.array_equal(choose_window(sequence, 11, sample_rng(5, 0, 3), "last"), sequence[-11:])
+    assert np.array_equal(choose_window(sequence[:7], 11, sample_rng(5, 0, 3), "random"), sequence[:7])

@@ -27,6 +27,7 @@ class DataConfig:
     image_size: int = 64  # images are decoded and resized to image_size x image_size
     image_decoder: str = "auto"  # auto (DALI: GPU nvJPEG when CUDA, else CPU) | dali | pil
     shuffle_seed: int = 17
+    train_window: str = "random"  # which max_seq_len+1 items of a long history a sample trains on: random | last
     cache_dir: str = ""  # local cache for a remote `path` (s3://, gs://); empty = a temp dir
 
 

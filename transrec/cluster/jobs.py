@@ -109,9 +109,9 @@ def _localize(cfg: Config, local: bool) -> Config:
                    data=replace(cfg.data, path=fix("data.path", cfg.data.path)))
 
 
-def prepare_submission(config_path: str, overrides: list[str], url: str) -> Config:
+def prepare_submission(cfg: Config, url: str) -> Config:
     """The config as the job will run it, checked as far as it can be from here."""
-    cfg = _localize(load_config(config_path, overrides), is_local(url))
+    cfg = _localize(cfg, is_local(url))
     cfg = replace(cfg, cluster=replace(cfg.cluster, address=""))  # the driver runs on the cluster: Ray tells it
     if is_local(url):
         if "://" not in cfg.data.path and not (Path(cfg.data.path) / "manifest.json").exists():
@@ -124,8 +124,9 @@ def prepare_submission(config_path: str, overrides: list[str], url: str) -> Conf
 def submit(config_path: str, overrides: list[str], address: str | None = None, resume: bool = False,
            state_directory: str | Path | None = None) -> tuple[str, str, Config]:
     """Validates, reaches the cluster, checks the scaling config against it, submits; returns (job id, url, cfg)."""
+    cfg = load_config(config_path, overrides)
     url = resolve_address(address, state_directory)
-    cfg = prepare_submission(config_path, overrides, url)
+    cfg = prepare_submission(cfg, url)
     jobs = client(url)
     nodes = cluster_nodes(url)
     check_scaling(cfg.cluster, nodes, resolve_use_gpu(cfg.cluster, nodes))

@@ -25,9 +25,20 @@ def pad_sequences(sequences: list[np.ndarray], fill: int = 0, left: bool = True,
     return padded, mask
 
 
-def negative_rng(seed: int, epoch: int, sample_id: int) -> np.random.Generator:
-    """The negatives of a sample depend on nothing else, so a resumed run draws the same ones."""
+def sample_rng(seed: int, epoch: int, sample_id: int) -> np.random.Generator:
+    """A sample's window and negatives depend on nothing else, so a resumed run draws the same ones."""
     return np.random.default_rng([seed, epoch, sample_id])
+
+
+def choose_window(sequence: np.ndarray, length: int, rng: np.random.Generator, window: str) -> np.ndarray:
+    """`length` consecutive items: the most recent ("last"), or ending at a random position ("random"), so
+    that over the epochs a long history trains every one of its items, not only its last `length`."""
+    if window not in ("last", "random"):
+        raise ValueError(f"data.train_window must be last or random, got {window!r}")
+    end = len(sequence)
+    if window == "random" and end > length:
+        end = int(rng.integers(length, end + 1))
+    return sequence[max(end - length, 0):end]
 
 
 def sample_negatives(seen: np.ndarray, count: int, num_items: int, rng: np.random.Generator) -> np.ndarray:
@@ -45,21 +56,22 @@ def sample_negatives(seen: np.ndarray, count: int, num_items: int, rng: np.rando
 
 
 def collate_train(samples: list[dict], store: ItemStore, max_seq_len: int, num_negatives: int, seed: int,
-                  epoch: int, mode: str = "mom") -> Batch:
+                  epoch: int, mode: str = "mom", window: str = "last") -> Batch:
     """Samples {"user", "items", "sample_id"} -> Batch with JPEGs but undecoded images; `mode` routes items
     to encoders (ItemStore.item_batch).
 
-    Each sequence keeps its last max_seq_len + 1 items: history = window[:-1], targets = window[1:].
-    Negatives are drawn per target position from the items the user's whole train sequence lacks.
+    Each sequence keeps a window of max_seq_len + 1 items (see `choose_window`): history = window[:-1],
+    targets = window[1:]. Negatives are drawn per target position from the items the user's whole train
+    sequence lacks.
     """
     sequences = [np.asarray(s["items"], np.int64) for s in samples]
-    windows = [seq[-(max_seq_len + 1):] for seq in sequences]
+    rngs = [sample_rng(seed, epoch, int(s["sample_id"])) for s in samples]
+    windows = [choose_window(seq, max_seq_len + 1, rng, window) for seq, rng in zip(sequences, rngs)]
     history, mask = pad_sequences([w[:-1] for w in windows])
     targets, _ = pad_sequences([w[1:] for w in windows])
     negatives = np.zeros(history.shape + (num_negatives,), np.int64)
-    for row, (sample, sequence, window) in enumerate(zip(samples, sequences, windows)):
-        positions = len(window) - 1
-        rng = negative_rng(seed, epoch, int(sample["sample_id"]))
+    for row, (rng, sequence, items) in enumerate(zip(rngs, sequences, windows)):
+        positions = len(items) - 1
         drawn = sample_negatives(sequence, positions * num_negatives, store.num_items, rng)
         negatives[row, negatives.shape[1] - positions:] = drawn.reshape(positions, num_negatives)
     # every distinct item once; positions refer to it by its row in `ids` (padding -> row 0, masked)
@@ -90,10 +102,11 @@ class TrainCollator:
     seed: int
     epoch: int
     mode: str
+    window: str
 
     def __call__(self, samples: list[dict]) -> Batch:
         return collate_train(samples, self.store, self.max_seq_len, self.num_negatives, self.seed, self.epoch,
-                             self.mode)
+                             self.mode, self.window)
 
 
 def collate_eval(samples: list[dict], split: str, max_seq_len: int, num_rows: int) -> EvalBatch:

@@ -189,7 +189,7 @@ class TrainLoader:
         self._stream.load_state_dict(self._stream_state())
         self._stream.next_epoch = self.epoch  # else a state older than streaming's epoch count is ignored
         collator = TrainCollator(self.store, self.max_seq_len, self.num_negatives, self.seed, self.epoch,
-                                 self.mode)
+                                 self.mode, self.data_cfg.train_window)
         workers = self.data_cfg.loader_workers
         batches = DataLoader(self._stream, batch_size=self.batch_size, num_workers=workers, collate_fn=collator)
         prefetcher = _Prefetcher(iter(batches), self._decode_images, self.prefetch_batches)

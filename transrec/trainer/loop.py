@@ -33,6 +33,8 @@ def use_bf16(precision: str) -> bool:
 
 def deepspeed_config(cfg: Config) -> dict:
     zero: dict = {"stage": cfg.train.zero_stage}
+    if cfg.train.zero_stage in (1, 2):
+        zero["elastic_checkpoint"] = True  # its optimizer state reloads on another number of ranks
     if cfg.train.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": use_cuda()}
     return {

@@ -25,6 +25,9 @@ def resolve(cfg: Config) -> Config:
         if not exported.exists():
             raise ConfigError(f"init_from: {exported} not found; expected a directory written by `transrec export`")
         cfg = replace(cfg, model=from_dict(ModelConfig, json.loads(exported.read_text()), str(exported)))
+    if cfg.model.text.cache_frozen and cfg.train.zero_stage == 3:
+        # ZeRO-3 gathers parameters collectively: every rank must run the frozen layers on every step
+        raise ConfigError("model.text.cache_frozen works with train.zero_stage 1 or 2, not 3")
     return cfg
 
 
