@@ -32,7 +32,22 @@ def cluster(tmp_path_factory):
     assert main(["cluster", "up", "--state-dir", str(state_dir), "--num-cpus", "3"]) == 0
     state = embedded.read_state(state_dir)
     yield state_dir, state
-    embedded.kill_cluster(state.cluster_id)  # whatever a failed test left running
+    if embedded.read_state(state_dir) is not None:  # a test failed before its `cluster down`
+        embedded.down(state_dir)
+
+
+def test_down_leaves_other_clusters_alone(cluster, tmp_path):
+    """`down` stops its own cluster's processes, not every Ray process on the machine (as `ray stop` would)."""
+    _, running = cluster
+    other = embedded.up(tmp_path / "other", num_cpus=1)
+    try:
+        assert other.ports["dashboard"] != running.ports["dashboard"] and other.temp_dir != running.temp_dir
+        assert set(embedded.cluster_pids(other.cluster_id)).isdisjoint(embedded.cluster_pids(running.cluster_id))
+        embedded.down(tmp_path / "other")
+        assert embedded.cluster_pids(other.cluster_id) == [] and not Path(other.temp_dir).exists()
+        assert embedded.dashboard_ready(running.dashboard_url) and embedded.cluster_pids(running.cluster_id)
+    finally:
+        embedded.kill_cluster(other.cluster_id)
 
 
 def test_up_status_loopback_only_and_down(cluster, capsys):
@@ -67,24 +82,6 @@ def test_up_status_loopback_only_and_down(cluster, capsys):
     assert "no embedded cluster" in capsys.readouterr().err
     assert main(["submit", "--config", CONFIG, "--state-dir", str(state_dir)]) == 2
     assert "transrec cluster up" in capsys.readouterr().err
-
-
-def test_down_leaves_other_clusters_alone(tmp_path):
-    """`down` stops its own cluster's processes, not every Ray process on the machine (as `ray stop` would)."""
-    first, second = tmp_path / "a", tmp_path / "b"
-    a = embedded.up(first, num_cpus=1)
-    try:
-        b = embedded.up(second, num_cpus=1)
-        try:
-            assert a.ports["dashboard"] != b.ports["dashboard"]
-            assert set(embedded.cluster_pids(a.cluster_id)).isdisjoint(embedded.cluster_pids(b.cluster_id))
-            embedded.down(first)
-            assert embedded.cluster_pids(a.cluster_id) == []
-            assert embedded.dashboard_ready(b.dashboard_url) and embedded.cluster_pids(b.cluster_id)
-        finally:
-            embedded.kill_cluster(b.cluster_id)
-    finally:
-        embedded.kill_cluster(a.cluster_id)
 
 
 def nodes(*cpus_gpus):

@@ -1,7 +1,6 @@
 """Jobs through the launcher on a real embedded cluster: submit -> logs -> jobs (and Ray's own `ray job list`),
 stop, and every error that must come before anything runs."""
 import json
-import os
 import subprocess
 import sys
 import time
@@ -115,7 +114,7 @@ def test_errors_before_anything_runs(cluster, data, tmp_path, capsys):
           expect="no manifest.json")
     fails("submit", "--config", CONFIG, *ok, "--set", "cluster.num_workers=5", "--set", "cluster.cpus_per_worker=1",
           "--state-dir", str(state_dir), expect="room for 4 such worker(s)")
-    fails("submit", "--config", CONFIG, *ok, "--set", "cluster.use_gpu=true", "--state-dir", str(state_dir),
+    fails("submit", "--config", CONFIG, *ok, "--set", "cluster.use_gpu=\"true\"", "--state-dir", str(state_dir),
           expect="0 GPUs")
     (tmp_path / "file").write_text("")
     fails("submit", "--config", CONFIG, "--set", f"data.path={data}", "--set", f"output_dir={tmp_path / 'file'}",

@@ -29,6 +29,9 @@ class DataConfig:
     shuffle_seed: int = 17
     train_window: str = "random"  # which max_seq_len+1 items of a long history a sample trains on: random | last
     cache_dir: str = ""  # local cache for a remote `path` (s3://, gs://); empty = a temp dir
+    # a bad record (corrupt image, empty title, unknown item, too-short user, shard with another checksum):
+    # skip = skip it, count it, go on | stop = stop before training starts (see dataloading/bad_data.py)
+    on_bad_record: str = "skip"
 
 
 @dataclass
@@ -87,6 +90,12 @@ class TrainConfig:
     keep_checkpoints: int = 3
     log_every: int = 10
     log_sample_ids: bool = False  # audit: RUN/samples/rank<r>.jsonl records (step, epoch, sample ids) per batch
+    # which weights train (mostly for fine-tuning, with init_from): "" = as model.*.trainable_blocks say;
+    # full = every weight; top_k = each tower's top finetune_blocks blocks and all the rest; adapters = only
+    # bottleneck adapters (adapter_dim wide) after every user-encoder layer and each tower's top finetune_blocks
+    finetune_mode: str = ""
+    finetune_blocks: int = 2
+    adapter_dim: int = 16
 
 
 @dataclass

@@ -50,6 +50,7 @@ class ClusterState:
     started_at: float
     ports: dict = field(default_factory=dict)
     auth_mode: str = "disabled"
+    owns_temp_dir: bool = True  # created by `up` (removed by `down`), not given with --temp-dir
 
 
 def state_dir(explicit: str | Path | None = None) -> Path:
@@ -104,7 +105,9 @@ def cluster_env(cluster_id: str, ports: dict[str, int], base: dict | None = None
         # `python` in a job's entrypoint is this interpreter; one ninja for DeepSpeed's JIT cache (STACK.md)
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
     })
-    env.pop("RAY_ADDRESS", None)
+    # Ray's own helpers inside the cluster that look for "the" local cluster (Ray Train's placement-group
+    # cleaner calls the state API with no address) find several when clusters share a machine: name ours
+    env["RAY_ADDRESS"] = f"{LOOPBACK}:{ports['gcs']}"
     return env
 
 
@@ -170,16 +173,19 @@ def up(directory: str | Path | None = None, num_cpus: int | None = None, num_gpu
         (directory / STATE_FILE).unlink()  # stale: its processes are gone
     cluster_id = secrets.token_hex(8)
     # short: Ray's unix sockets live under it and a socket path may not exceed 107 bytes
+    owns_temp_dir = not temp_dir
     temp_dir = temp_dir or tempfile.mkdtemp(prefix=f"trr-{cluster_id[:6]}-", dir="/tmp")
     ports = _free_ports(HEAD_PORTS)
     num_cpus = num_cpus if num_cpus is not None else (os.cpu_count() or 1)
     cmd = start_command(ports, temp_dir, num_cpus, num_gpus)
     state = ClusterState(cluster_id=cluster_id, gcs_address=f"{LOOPBACK}:{ports['gcs']}",
                          dashboard_url=f"http://{LOOPBACK}:{ports['dashboard']}", temp_dir=temp_dir,
-                         num_cpus=num_cpus, num_gpus=num_gpus, started_at=time.time(), ports=ports)
+                         num_cpus=num_cpus, num_gpus=num_gpus, started_at=time.time(), ports=ports,
+                         owns_temp_dir=owns_temp_dir)
     try:
+        # its own session: the cluster outlives this terminal's signals (Ctrl-C, hangup)
         done = subprocess.run(cmd, env=cluster_env(cluster_id, ports), capture_output=True, text=True, timeout=timeout,
-                              stdin=subprocess.DEVNULL)
+                              stdin=subprocess.DEVNULL, start_new_session=True)
     except subprocess.TimeoutExpired:
         kill_cluster(cluster_id)
         raise ClusterError(f"`ray start --head` did not finish in {timeout:.0f} s") from None
@@ -194,6 +200,23 @@ def up(directory: str | Path | None = None, num_cpus: int | None = None, num_gpu
     return state
 
 
+# `ray start --address` for a node on loopback. RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, which keeps the node's
+# processes on 127.0.0.1, also makes `ray start` refuse to join a cluster ("multi-node clusters are not
+# supported on Windows and OSX"); with it =1, Ray rewrites 127.0.0.1 (the head's address and the node's) to
+# the host's address. So the starter process alone passes the join check and keeps 127.0.0.1 as given; the
+# processes it spawns inherit the =0 environment. For tests and local experiments only.
+_NODE_STARTER = """
+import sys
+import ray._private.ray_constants as constants
+import ray._private.services as services
+constants.ENABLE_RAY_CLUSTER = True
+services.resolve_ip_for_localhost = lambda host: host
+from ray.scripts.scripts import main
+sys.argv[0] = "ray"
+main()
+"""
+
+
 def add_node(directory: str | Path | None = None, num_cpus: int = 1, num_gpus: int = 0,
              resources: dict | None = None, timeout: float = 120.0) -> str:
     """Starts a second Ray node on this machine that joins the embedded head (own temp dir, own ports);
@@ -204,8 +227,14 @@ def add_node(directory: str | Path | None = None, num_cpus: int = 1, num_gpus: i
     temp_dir = tempfile.mkdtemp(prefix=f"trn-{state.cluster_id[:6]}-", dir="/tmp")
     ports = _free_ports(NODE_PORTS)
     cmd = start_command(ports, temp_dir, num_cpus, num_gpus, state.gcs_address, resources)
-    done = subprocess.run(cmd, env=cluster_env(state.cluster_id, ports), capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL)
+    env = cluster_env(state.cluster_id, {**ports, "gcs": int(state.gcs_address.rsplit(":", 1)[1])})
+    cmd = [sys.executable, "-c", _NODE_STARTER, *cmd[1:]]
+    try:
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout,
+                              stdin=subprocess.DEVNULL, start_new_session=True)
+    except subprocess.TimeoutExpired:
+        raise ClusterError(f"`ray start --address {state.gcs_address}` did not finish in {timeout:.0f} s; "
+                           f"`transrec cluster down` stops what it started") from None
     if done.returncode != 0:
         tail = (done.stderr or done.stdout).strip().splitlines()[-5:]
         raise ClusterError(f"`ray start --address {state.gcs_address}` failed: " + " | ".join(tail))
@@ -268,7 +297,8 @@ def down(directory: str | Path | None = None, keep_temp: bool = False) -> dict:
         raise ClusterError(f"processes {left} of cluster {state.cluster_id} did not stop")
     (directory / STATE_FILE).unlink(missing_ok=True)
     if not keep_temp:
-        for temp in [state.temp_dir, *map(str, Path("/tmp").glob(f"trn-{state.cluster_id[:6]}-*"))]:
+        owned = [state.temp_dir] if state.owns_temp_dir else []
+        for temp in [*owned, *map(str, Path("/tmp").glob(f"trn-{state.cluster_id[:6]}-*"))]:
             shutil.rmtree(temp, ignore_errors=True)
     return {"stopped": len(pids), "dashboard_url": state.dashboard_url}
 

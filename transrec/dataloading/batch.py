@@ -6,7 +6,7 @@ scatters the vectors back into sequence order.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
@@ -38,6 +38,8 @@ class Batch:
     target_mask: torch.Tensor  # bool [B, T]: True where a position has a target to predict
     negatives: torch.Tensor  # int64 [B, T, K]: rows of sampled negatives (K may be 0)
     sample_ids: torch.Tensor  # int64 [B]: index of each sequence in its shard set (for audits)
+    # bad_data.BadRecord of every sample dropped from this batch and every image blanked in it
+    skipped: list = field(default_factory=list)
 
     def to(self, device: torch.device | str) -> "Batch":
         return _to(self, device)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from transrec.dataloading.bad_data import NO_BAD_ITEMS, BadItems, check_sample
 from transrec.dataloading.batch import Batch, EvalBatch
 from transrec.dataloading.item_store import ItemStore
 
@@ -56,14 +57,17 @@ def sample_negatives(seen: np.ndarray, count: int, num_items: int, rng: np.rando
 
 
 def collate_train(samples: list[dict], store: ItemStore, max_seq_len: int, num_negatives: int, seed: int,
-                  epoch: int, mode: str = "mom", window: str = "last") -> Batch:
+                  epoch: int, mode: str = "mom", window: str = "last", bad_items: BadItems = NO_BAD_ITEMS) -> Batch:
     """Samples {"user", "items", "sample_id"} -> Batch with JPEGs but undecoded images; `mode` routes items
     to encoders (ItemStore.item_batch).
 
-    Each sequence keeps a window of max_seq_len + 1 items (see `choose_window`): history = window[:-1],
-    targets = window[1:]. Negatives are drawn per target position from the items the user's whole train
-    sequence lacks.
+    A bad sample (bad_data.check_sample) is left out, its BadRecord in `Batch.skipped`. Each sequence keeps
+    a window of max_seq_len + 1 items (see `choose_window`): history = window[:-1], targets = window[1:].
+    Negatives are drawn per target position from the items the user's whole train sequence lacks, never
+    from `bad_items`.
     """
+    checks = [check_sample(s, store.num_items, bad_items) for s in samples]
+    samples = [s for s, problem in zip(samples, checks) if problem is None]
     sequences = [np.asarray(s["items"], np.int64) for s in samples]
     rngs = [sample_rng(seed, epoch, int(s["sample_id"])) for s in samples]
     windows = [choose_window(seq, max_seq_len + 1, rng, window) for seq, rng in zip(sequences, rngs)]
@@ -72,7 +76,8 @@ def collate_train(samples: list[dict], store: ItemStore, max_seq_len: int, num_n
     negatives = np.zeros(history.shape + (num_negatives,), np.int64)
     for row, (rng, sequence, items) in enumerate(zip(rngs, sequences, windows)):
         positions = len(items) - 1
-        drawn = sample_negatives(sequence, positions * num_negatives, store.num_items, rng)
+        drawn = sample_negatives(np.concatenate([sequence, bad_items.ids]), positions * num_negatives,
+                                 store.num_items, rng)
         negatives[row, negatives.shape[1] - positions:] = drawn.reshape(positions, num_negatives)
     # every distinct item once; positions refer to it by its row in `ids` (padding -> row 0, masked)
     ids = np.unique(np.concatenate(windows + [negatives[mask].ravel()]))
@@ -89,6 +94,7 @@ def collate_train(samples: list[dict], store: ItemStore, max_seq_len: int, num_n
         target_mask=torch.from_numpy(mask.copy()),
         negatives=rows(negatives, mask[..., None]),
         sample_ids=torch.tensor([int(s["sample_id"]) for s in samples], dtype=torch.int64),
+        skipped=[problem for problem in checks if problem is not None],
     )
 
 
@@ -103,10 +109,11 @@ class TrainCollator:
     epoch: int
     mode: str
     window: str
+    bad_items: BadItems = NO_BAD_ITEMS
 
     def __call__(self, samples: list[dict]) -> Batch:
         return collate_train(samples, self.store, self.max_seq_len, self.num_negatives, self.seed, self.epoch,
-                             self.mode, self.window)
+                             self.mode, self.window, self.bad_items)
 
 
 def collate_eval(samples: list[dict], split: str, max_seq_len: int, num_rows: int) -> EvalBatch:

@@ -21,14 +21,47 @@ BACKENDS = ("auto", "dali", "pil")
 class ImageDecodeError(ValueError):
     """An image item's bytes are not a decodable JPEG; the message names the item."""
 
+    def __init__(self, message: str, item_id: int | None = None):
+        super().__init__(message)
+        self.item_id = item_id
+
 
 def _check_decodable(jpeg: np.ndarray, item_id: int) -> Image.Image:
     try:
         image = Image.open(io.BytesIO(jpeg.tobytes()))
         image.load()
     except Exception as err:  # PIL raises OSError, SyntaxError, ValueError... for bad bytes
-        raise ImageDecodeError(f"item {item_id}: cannot decode its image ({len(jpeg)} bytes): {err}") from err
+        raise ImageDecodeError(f"item {item_id}: cannot decode its image ({len(jpeg)} bytes): {err}",
+                               item_id) from err
     return image
+
+
+def _decode_error(jpeg: np.ndarray, item_id: int) -> ImageDecodeError | None:
+    try:
+        _check_decodable(jpeg, item_id)
+    except ImageDecodeError as err:
+        return err
+    return None
+
+
+def decode_or_blank(decoder, jpegs: list[np.ndarray], item_ids: Sequence[int]
+                    ) -> tuple[torch.Tensor, list[ImageDecodeError]]:
+    """`decoder.decode`, but an image that PIL cannot decode either (bad data, not a decoder fault) becomes a
+    blank image (zeros: the normalized mean). Returns the images and the errors of the blanked ones. An error
+    of the decoder on images PIL decodes is raised: the decoder is at fault, not a record."""
+    item_ids = [int(i) for i in item_ids]
+    try:
+        return decoder.decode(jpegs, item_ids=item_ids), []
+    except ImageDecodeError:
+        errors = {row: err for row, (jpeg, item) in enumerate(zip(jpegs, item_ids))
+                  if (err := _decode_error(jpeg, item))}
+        if not errors:
+            raise
+    good = [row for row in range(len(jpegs)) if row not in errors]
+    decoded = decoder.decode([jpegs[r] for r in good], item_ids=[item_ids[r] for r in good])
+    images = decoded.new_zeros((len(jpegs), *decoded.shape[1:]))
+    images[good] = decoded
+    return images, list(errors.values())
 
 
 class _DaliDecoder:

@@ -2,15 +2,17 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 import numpy as np
 import torch
 
 from transrec.dataloading.batch import IMAGE, TEXT, ItemBatch
-from transrec.dataloading.images import ImageDecoder
+from transrec.dataloading.images import ImageDecoder, decode_or_blank
 from transrec.dataloading.prepare import MANIFEST, sha256_file
 
+log = logging.getLogger("transrec.data")
 ITEM_ARRAYS = ("modality", "tokens", "token_lengths", "image_offsets", "popularity")
 VERIFY_MODES = ("full", "size")
 # Which encoder gets an item (= model.item_encoder): by its modality, every item as text, every item as an
@@ -29,9 +31,9 @@ def read_manifest(root: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
-def verify_files(root: str | Path, manifest: dict, mode: str = "full", skip: tuple[str, ...] = ()) -> None:
-    """Checks every file of `manifest["files"]` but those under `skip` prefixes: its size, and its sha256 too
-    when mode is "full"."""
+def file_problems(root: str | Path, manifest: dict, mode: str = "full", skip: tuple[str, ...] = ()):
+    """Yields (relpath, message) for every file of `manifest["files"]`, but those under `skip` prefixes, that
+    is missing or has another size, or (mode "full") another sha256."""
     if mode not in VERIFY_MODES:
         raise ValueError(f"verify must be one of {VERIFY_MODES}, got {mode!r}")
     root = Path(root)
@@ -40,26 +42,37 @@ def verify_files(root: str | Path, manifest: dict, mode: str = "full", skip: tup
             continue
         path = root / relpath
         if not path.is_file():
-            raise DatasetFileError(f"{path}: missing")
-        size = path.stat().st_size
-        if size != expected["bytes"]:
-            raise DatasetFileError(f"{path}: {size} bytes, the manifest says {expected['bytes']} "
-                                   "(truncated or replaced?)")
-        if mode == "full" and sha256_file(path) != expected["sha256"]:
-            raise DatasetFileError(f"{path}: sha256 differs from the manifest (corrupted?)")
+            yield relpath, f"{path}: missing"
+        elif (size := path.stat().st_size) != expected["bytes"]:
+            yield relpath, f"{path}: {size} bytes, the manifest says {expected['bytes']} (truncated or replaced?)"
+        elif mode == "full" and sha256_file(path) != expected["sha256"]:
+            yield relpath, f"{path}: sha256 differs from the manifest (corrupted?)"
+
+
+def verify_files(root: str | Path, manifest: dict, mode: str = "full", skip: tuple[str, ...] = ()) -> None:
+    """Raises DatasetFileError for the first file of the manifest that file_problems finds."""
+    for _, problem in file_problems(root, manifest, mode, skip):
+        raise DatasetFileError(problem)
 
 
 class ItemStore:
     """Items of a dataset directory, opened lazily per process so that it pickles into DataLoader workers.
 
     Opening checks the whole directory against its manifest (`verify`: "full" = sizes and sha256, "size");
-    `unverified` names path prefixes not to check (a remote dataset's train shards, which stream).
+    `unverified` names path prefixes not to check (a remote dataset's train shards, which stream). A problem
+    raises DatasetFileError, but that of a file present under a `tolerate` prefix, which goes to
+    `file_problems` (relpath -> message) for the caller to handle.
     """
 
-    def __init__(self, root: str | Path, verify: str = "full", unverified: tuple[str, ...] = ()):
+    def __init__(self, root: str | Path, verify: str = "full", unverified: tuple[str, ...] = (),
+                 tolerate: tuple[str, ...] = ()):
         self.root = Path(root)
         self.manifest = read_manifest(self.root)
-        verify_files(self.root, self.manifest, mode=verify, skip=unverified)
+        self.file_problems: dict[str, str] = {}
+        for relpath, problem in file_problems(self.root, self.manifest, mode=verify, skip=unverified):
+            if not (relpath.startswith(tolerate) and (self.root / relpath).is_file()):
+                raise DatasetFileError(problem)
+            self.file_problems[relpath] = problem
         self._open_pid: int | None = None
         self._arrays: dict[str, np.ndarray] = {}
         self._images: np.ndarray | None = None
@@ -88,6 +101,21 @@ class ItemStore:
         return self._array("modality")
 
     @property
+    def token_lengths(self) -> np.ndarray:
+        return self._array("token_lengths")
+
+    @property
+    def images(self) -> np.ndarray:
+        """uint8: all JPEG bytes (images.bin), memory-mapped."""
+        self._array("image_offsets")
+        return self._images
+
+    def image_spans(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Where the JPEGs of `ids` start in `images`, and their sizes (0: no image)."""
+        offsets = self._array("image_offsets")
+        return offsets[ids], offsets[np.asarray(ids) + 1] - offsets[ids]
+
+    @property
     def popularity(self) -> np.ndarray:
         """int64 [N] train counts, a writable copy (small; torch.as_tensor warns on read-only memory maps)."""
         return np.array(self._array("popularity"))
@@ -108,12 +136,17 @@ class ItemStore:
 
     def item_batch(self, ids: np.ndarray, decoder: ImageDecoder | None = None, mode: str = "mom") -> ItemBatch:
         """The ItemBatch of distinct items `ids`, rows routed by `mode` (see ITEM_MODES); images decoded when a
-        decoder is given, else only their JPEGs gathered."""
+        decoder is given (an image that does not decode is logged and shown blank), else only their JPEGs
+        gathered."""
         ids = np.asarray(ids, np.int64)
-        text_rows, image_rows = self._route(ids, mode)
+        text_rows, image_rows = self.route(ids, mode)
         input_ids, attention_mask = self.tokens(ids[text_rows])
         jpegs = [self.jpeg(i) for i in ids[image_rows]]
-        images = decoder.decode(jpegs, item_ids=ids[image_rows]) if decoder is not None else None
+        images = None
+        if decoder is not None:
+            images, errors = decode_or_blank(decoder, jpegs, ids[image_rows])
+            for error in errors:
+                log.warning("%s: %s; shown blank", self.root / "items" / "images.bin", error)
         return ItemBatch(
             ids=torch.from_numpy(ids.copy()),
             text_rows=torch.from_numpy(text_rows),
@@ -124,7 +157,7 @@ class ItemStore:
             jpegs=jpegs,
         )
 
-    def _route(self, ids: np.ndarray, mode: str) -> tuple[np.ndarray, np.ndarray]:
+    def route(self, ids: np.ndarray, mode: str) -> tuple[np.ndarray, np.ndarray]:
         """(text rows, image rows) of `ids` under `mode`."""
         rows, none = np.arange(len(ids)), np.zeros(0, np.int64)
         modality = self.modality[ids]

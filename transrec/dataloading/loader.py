@@ -17,6 +17,7 @@ import os
 import queue
 import tempfile
 import threading
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -27,11 +28,14 @@ from streaming.base.storage import CloudDownloader
 from torch.utils.data import DataLoader
 
 from transrec.config import DataConfig
+from transrec.dataloading.bad_data import (
+    NO_BAD_ITEMS, SAMPLE_KINDS, BadRecord, BadRecordLog, check_policy, check_sample, find_bad_items, log, stop,
+)
 from transrec.dataloading.batch import Batch, EvalBatch
 from transrec.dataloading.collate import HELD_OUT, TrainCollator, collate_eval
-from transrec.dataloading.images import ImageDecoder
-from transrec.dataloading.item_store import ITEM_MODES, ItemStore, read_manifest
-from transrec.dataloading.prepare import MANIFEST
+from transrec.dataloading.images import ImageDecoder, decode_or_blank
+from transrec.dataloading.item_store import ITEM_MODES, DatasetFileError, ItemStore, read_manifest
+from transrec.dataloading.prepare import MANIFEST, DataError
 
 STREAMED_SPLIT = "train/"  # a remote dataset's train shards stream; every other file is fetched up front
 
@@ -65,11 +69,26 @@ def _use_rank(rank: int, world_size: int) -> None:
 
 
 class _SequenceShards(StreamingDataset):
-    """The train shards; each sample also carries its global index (negatives are seeded by it)."""
+    """The train shards; each sample also carries its global index (negatives are seeded by it) and its file.
+    A sample of a shard in `bad_shards` is not read, and one that cannot be read raises nothing: both come as
+    {"sample_id", "bad": BadRecord}, for the collate to skip."""
+
+    files: list[str] = []  # per shard, for messages
+    bad_shards: dict[int, str] = {}  # shard index -> what is wrong with it
 
     def get_item(self, sample_id: int, retry: int = 7) -> dict[str, Any]:
-        sample = super().get_item(sample_id, retry)
-        sample["sample_id"] = int(sample_id)
+        shard, _ = self.spanner[sample_id]
+        file, record = self.files[shard], f"sample {sample_id}"
+        if shard in self.bad_shards:
+            return {"sample_id": int(sample_id), "bad": BadRecord("bad_shard", file, record, self.bad_shards[shard])}
+        try:
+            sample = super().get_item(sample_id, retry)
+        except RuntimeError:
+            raise  # streaming's own failure (a shard it cannot fetch, a dead thread): not one record's
+        except Exception as err:  # the bytes of this sample do not decode
+            bad = BadRecord("unreadable", file, record, f"cannot be read: {err!r}")
+            return {"sample_id": int(sample_id), "bad": bad}
+        sample.update(sample_id=int(sample_id), file=file)
         return sample
 
 
@@ -131,6 +150,10 @@ class TrainLoader:
     Call `set_epoch(e)` before iterating epoch e (a different epoch starts from its beginning; the current
     one keeps its position, so after `load_state_dict` iterating yields exactly the rest of that epoch).
     `state_dict()` counts only the batches handed out, not those prefetched.
+
+    Bad records (see bad_data.py): checked before training, then skipped and counted in `skipped` (this
+    epoch's counts by kind, logged at its end); `found` counts what the pre-flight check found. A batch whose
+    every sample is bad is replaced by the previous batch (ranks must step together).
     """
 
     def __init__(self, data_cfg: DataConfig, dataset_dir: str | Path, batch_size: int, max_seq_len: int,
@@ -142,18 +165,50 @@ class TrainLoader:
         self.data_cfg, self.batch_size, self.max_seq_len = data_cfg, batch_size, max_seq_len
         self.num_negatives, self.seed, self.world_size = num_negatives, seed, world_size
         self.decoder, self.mode, self.prefetch_batches = decoder, mode, prefetch_batches
+        self.policy = check_policy(data_cfg.on_bad_record)
         self.local_dir = local_dataset_dir(dataset_dir, data_cfg.cache_dir)
         streamed = (STREAMED_SPLIT,) if is_remote(dataset_dir) else ()
-        self.store = ItemStore(self.local_dir, verify=verify, unverified=streamed)
+        tolerated = (STREAMED_SPLIT,) if self.policy == "skip" else ()  # a bad train shard is skipped
+        self.store = ItemStore(self.local_dir, verify=verify, unverified=streamed, tolerate=tolerated)
         remote = f"{str(dataset_dir).rstrip('/')}/train" if is_remote(dataset_dir) else None
         nodes = int(os.environ["WORLD_SIZE"]) // int(os.environ["LOCAL_WORLD_SIZE"])
         self._stream = _SequenceShards(remote=remote, local=str(self.local_dir / "train"), shuffle=True,
                                        shuffle_seed=data_cfg.shuffle_seed, batch_size=batch_size,
                                        num_canonical_nodes=nodes)
+        self._check_data(scan_sequences=remote is None)
+        self._bad = BadRecordLog()
         self.epoch = 0
         self._samples_in_epoch = 0  # handed out in this epoch by all ranks (ranks step in lockstep)
         # the shuffle's shape, fixed by the run that started the training (streaming's default for py1e)
         self._canonical_nodes, self._initial_nodes = nodes, nodes
+
+    def _check_data(self, scan_sequences: bool) -> None:
+        """The pre-flight check (bad_data.py): stops with on_bad_record=stop, else sets up the skipping."""
+        shard_files = [f"{STREAMED_SPLIT}{shard.raw_data.basename}" for shard in self._stream.shards]
+        problems = self.store.file_problems  # tolerated ones: train files, with on_bad_record=skip
+        for relpath, problem in problems.items():
+            if relpath not in shard_files:  # an index.json
+                raise DatasetFileError(problem)
+        self._stream.files = [str(self.local_dir / f) for f in shard_files]
+        self._stream.bad_shards = {i: problems[f] for i, f in enumerate(shard_files) if f in problems}
+        self.bad_items, found = find_bad_items(self.store, self.mode)
+        found += [BadRecord("bad_shard", self._stream.files[i], "shard", problem)
+                  for i, problem in self._stream.bad_shards.items()]
+        if self.policy == "stop":
+            if scan_sequences:
+                sequences = _ShardedSequences(self.local_dir / "train")
+                checks = (check_sample(sample, self.store.num_items, NO_BAD_ITEMS) for sample in sequences)
+                found += [bad for bad in checks if bad]
+            stop(found, self.local_dir)
+        self.found = dict(Counter(record.kind for record in found))
+        if found:
+            log.warning("%s: %d bad record(s) %s; the samples holding them will be skipped. First: %s",
+                        self.local_dir, len(found), self.found, "; ".join(map(str, found[:3])))
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        """This epoch's skipped records by kind (bad_data.KINDS)."""
+        return dict(self._bad.counts)
 
     def __len__(self) -> int:
         """Batches per epoch on this rank."""
@@ -162,12 +217,15 @@ class TrainLoader:
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
             self.epoch, self._samples_in_epoch = epoch, 0
+            self._bad.reset()
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "samples_in_epoch": self._samples_in_epoch, "streaming": self._stream_state()}
+        return {"epoch": self.epoch, "samples_in_epoch": self._samples_in_epoch, "streaming": self._stream_state(),
+                "skipped": self.skipped}
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self._samples_in_epoch = int(state["epoch"]), int(state["samples_in_epoch"])
+        self._bad = BadRecordLog(state.get("skipped"))
         stream = state["streaming"]
         if stream["shuffle_seed"] != self.data_cfg.shuffle_seed:
             raise ValueError(f"the checkpoint's shuffle_seed is {stream['shuffle_seed']}, "
@@ -189,21 +247,45 @@ class TrainLoader:
         self._stream.load_state_dict(self._stream_state())
         self._stream.next_epoch = self.epoch  # else a state older than streaming's epoch count is ignored
         collator = TrainCollator(self.store, self.max_seq_len, self.num_negatives, self.seed, self.epoch,
-                                 self.mode, self.data_cfg.train_window)
+                                 self.mode, self.data_cfg.train_window, self.bad_items)
         workers = self.data_cfg.loader_workers
         batches = DataLoader(self._stream, batch_size=self.batch_size, num_workers=workers, collate_fn=collator)
         prefetcher = _Prefetcher(iter(batches), self._decode_images, self.prefetch_batches)
+        previous = None
         try:
             for batch in prefetcher:
-                self._samples_in_epoch += len(batch.users) * self.world_size
+                dropped = sum(record.kind in SAMPLE_KINDS for record in batch.skipped)
+                self._samples_in_epoch += (len(batch.users) + dropped) * self.world_size
+                for record in batch.skipped:
+                    self._bad.add(record)
+                if len(batch.users) == 0:
+                    batch = self._replace_empty(batch, previous)
+                    if batch is None:
+                        continue
+                previous = batch
                 yield batch
+            if any(self.skipped.values()):
+                log.warning("epoch %d: skipped %s", self.epoch, {k: v for k, v in self.skipped.items() if v})
         finally:
             prefetcher.close()
+
+    def _replace_empty(self, batch: Batch, previous: Batch | None) -> Batch | None:
+        """The batch to hand out instead of one whose every sample was bad: the previous one, as every rank
+        must take a step; None (skip it) on a single rank with no previous batch."""
+        self._bad.add(BadRecord("empty_batch", str(self.local_dir / "train"), f"a batch of epoch {self.epoch}",
+                                f"all its {len(batch.skipped)} samples were bad; the previous batch is repeated"))
+        if previous is None and self.world_size > 1:
+            raise DataError(f"{self.local_dir}: every sample of this rank's first batch is bad "
+                            f"({batch.skipped[0] if batch.skipped else '?'}...); no batch to repeat")
+        return previous
 
     def _decode_images(self, batch: Batch) -> Batch:
         if self.decoder is not None:
             items = batch.items
-            items.images = self.decoder.decode(items.jpegs, item_ids=items.ids[items.image_rows].tolist())
+            items.images, errors = decode_or_blank(self.decoder, items.jpegs, items.ids[items.image_rows].tolist())
+            images_bin = str(self.local_dir / "items" / "images.bin")
+            batch.skipped += [BadRecord("blank_image", images_bin, f"item {e.item_id}",
+                                        f"{str(e).removeprefix(f'item {e.item_id}: ')}; shown blank") for e in errors]
         return batch
 
     def close(self) -> None:
@@ -214,12 +296,29 @@ class TrainLoader:
 
 class _ShardedSequences:
     """Random access to the sequences of an MDS split without StreamingDataset (no partitioning, no shared
-    memory), so that any number of evaluation loaders may be open at once."""
+    memory), so that any number of evaluation loaders may be open at once. Iterating reads shard by shard,
+    each shard file at once, and yields samples with their "sample_id" and "file"; a sample that cannot be
+    decoded comes as {"sample_id", "bad": BadRecord}."""
 
     def __init__(self, split_dir: Path):
+        self.split_dir = Path(split_dir)
         index = json.loads((split_dir / "index.json").read_text())
         self._shards = [reader_from_json(str(split_dir), None, info) for info in index["shards"]]
         self._starts = np.cumsum([0] + [shard.samples for shard in self._shards])
+
+    def __iter__(self) -> Iterator[dict]:
+        for shard, start in zip(self._shards, self._starts):
+            file = str(self.split_dir / shard.raw_data.basename)
+            data = Path(file).read_bytes()
+            offsets = np.frombuffer(data, np.uint32, shard.samples + 1, offset=4)
+            for i in range(shard.samples):
+                try:
+                    sample = shard.decode_sample(data[offsets[i]:offsets[i + 1]])
+                except Exception as err:
+                    bad = BadRecord("unreadable", file, f"sample {start + i}", f"cannot be read: {err!r}")
+                    yield {"sample_id": int(start + i), "bad": bad}
+                    continue
+                yield {**sample, "sample_id": int(start + i), "file": file}
 
     def __len__(self) -> int:
         return int(self._starts[-1])

@@ -13,6 +13,8 @@ DIR/items/items.jsonl        {"index", "source_id", "text", "modality"} per item
 DIR/train/                   MDS shards {"user", "items"}: each sequence minus its last two items
 DIR/eval/                    MDS shards {"user", "items"}: the full sequence (valid = items[-2], test = items[-1])
 ```
+Sequences written in parallel (`SequenceWriter` per part, in other processes) lie in `train/partNNNNN/` and
+`eval/partNNNNN/`, each a shard set of its own, joined by one `index.json` per split (streaming's merge_index).
 A directory appears complete or not at all: it is built in a temp dir beside DIR and renamed into place.
 """
 from __future__ import annotations
@@ -24,13 +26,13 @@ import os
 import shutil
 import tempfile
 from collections import Counter
-from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
 from streaming import MDSWriter
+from streaming.base.util import merge_index
 
 from transrec.dataloading import resolve_pretrained_path
 from transrec.dataloading.batch import IMAGE, TEXT
@@ -44,6 +46,7 @@ SPLIT_RULE = (
 SEQUENCE_COLUMNS = {"user": "int64", "items": "ndarray:int64"}
 SHARD_SIZE_LIMIT = "64mb"
 TOKENIZE_CHUNK = 4096  # items tokenized per call: bounds memory for large catalogues
+POPULARITY_BATCH = 10_000  # sequences whose items are counted together
 MANIFEST = "manifest.json"
 
 
@@ -83,12 +86,57 @@ def choose_modalities(num_items: int, image_fraction: float, seed: int) -> np.nd
     return modality
 
 
+class SequenceWriter:
+    """Writes users' chronological sequences (item indices) as MDS shards: `train/PART` gets each sequence
+    minus its last two items, `eval/PART` all of it. Counts what it wrote; `part` "" = the split itself."""
+
+    def __init__(self, root: Path, num_items: int, part: str = "", first_user: int = 0):
+        self.train, self.eval = (MDSWriter(out=str(Path(root) / split / part), columns=SEQUENCE_COLUMNS,
+                                           size_limit=SHARD_SIZE_LIMIT) for split in ("train", "eval"))
+        self.part, self.num_items, self.first_user = part, num_items, first_user
+        self.num_users = self.num_interactions = self.short_users = 0
+        self.popularity = np.zeros(num_items, np.int64)
+        self._counted: list[np.ndarray] = []  # train items not yet in popularity (bincount in bulk: faster)
+
+    def add(self, items: np.ndarray) -> bool:
+        """Writes one sequence; a too-short one is counted in short_users and not written."""
+        items = np.asarray(items, np.int64)
+        if len(items) < MIN_INTERACTIONS:
+            self.short_users += 1
+            return False
+        if items.min() < 0 or items.max() >= self.num_items:
+            raise ValueError(f"sequence holds an item outside 0..{self.num_items - 1} (write_items first)")
+        train = items[:-2]
+        self.train.write({"user": self.first_user + self.num_users, "items": train})
+        self.eval.write({"user": self.first_user + self.num_users, "items": items})
+        self._counted.append(train)
+        if len(self._counted) >= POPULARITY_BATCH:
+            self._count_popularity()
+        self.num_users += 1
+        self.num_interactions += len(items)
+        return True
+
+    def _count_popularity(self) -> None:
+        if self._counted:
+            self.popularity += np.bincount(np.concatenate(self._counted), minlength=self.num_items)
+            self._counted = []
+
+    def close(self) -> dict:
+        """Finishes the shards (and their index.json); returns the counts, as DatasetWriter.add_part takes them."""
+        self.train.finish()
+        self.eval.finish()
+        self._count_popularity()
+        return {"part": self.part, "num_users": self.num_users, "num_interactions": self.num_interactions,
+                "short_users": self.short_users, "popularity": self.popularity}
+
+
 class DatasetWriter:
     """Writes one dataset directory atomically.
 
-    Use as a context manager: `write_items` once, `add_sequence` per user (chronological item indices),
-    then `commit(**manifest_fields)` renames the finished temp dir to `out`. On an exception the temp dir
-    is removed and `out` is untouched.
+    Use as a context manager: `write_items` once, then the sequences, either `add_sequence` per user
+    (chronological item indices) or, from other processes, a `SequenceWriter(writer.tmp, num_items, part)`
+    per part whose `close()` result goes to `add_part`; then `commit(**manifest_fields)` renames the
+    finished temp dir to `out`. On an exception the temp dir is removed and `out` is untouched.
     """
 
     def __init__(self, out: str | Path, tokenizer: str, max_text_len: int, overwrite: bool = False):
@@ -104,7 +152,8 @@ class DatasetWriter:
         self.skipped = Counter({"short_users": 0})
         self._popularity = np.zeros(0, np.int64)
         self._modality_counts = {"text": 0, "image": 0}
-        self._stack = ExitStack()
+        self._sequences: SequenceWriter | None = None  # add_sequence's writer, opened on first use
+        self._parts: list[str] = []
 
     def _check_target(self) -> None:
         if self.out.exists() and not self.overwrite:
@@ -114,16 +163,11 @@ class DatasetWriter:
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
         (self.tmp / "items").mkdir()
-        self._train = self._stack.enter_context(self._shard_writer("train"))
-        self._eval = self._stack.enter_context(self._shard_writer("eval"))
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self._stack.close()
+        self._finish_sequences()
         shutil.rmtree(self.tmp, ignore_errors=True)  # after commit it no longer exists
-
-    def _shard_writer(self, split: str) -> MDSWriter:
-        return MDSWriter(out=str(self.tmp / split), columns=SEQUENCE_COLUMNS, size_limit=SHARD_SIZE_LIMIT)
 
     def write_items(self, records: Iterable[ItemRecord], num_items: int) -> None:
         """Tokenizes every item's text and stores the JPEGs of image items, in record order (= item index)."""
@@ -165,26 +209,40 @@ class DatasetWriter:
 
     def add_sequence(self, items: np.ndarray) -> bool:
         """Writes one user's chronological sequence; a too-short one is counted in skipped and not written."""
-        items = np.asarray(items, np.int64)
-        if len(items) < MIN_INTERACTIONS:
-            self.skipped["short_users"] += 1
-            return False
-        if items.min() < 0 or items.max() >= self.num_items:
-            raise ValueError(f"sequence holds an item outside 0..{self.num_items - 1} (write_items first)")
-        train = items[:-2]
-        self._train.write({"user": self.num_users, "items": train})
-        self._eval.write({"user": self.num_users, "items": items})
-        np.add.at(self._popularity, train, 1)
-        self.num_users += 1
-        self.num_interactions += len(items)
-        return True
+        if self._sequences is None:
+            if self._parts:
+                raise ValueError("add_sequence after add_part: a dataset is written one way or the other")
+            self._sequences = SequenceWriter(self.tmp, self.num_items)
+        return self._sequences.add(items)
+
+    def add_part(self, counts: dict) -> None:
+        """Takes a part written by `SequenceWriter(self.tmp, num_items, part, first_user)` (its close() result)."""
+        if self._sequences is not None or not counts["part"]:
+            raise ValueError("add_part takes named parts, and no add_sequence beside them")
+        self._parts.append(counts["part"])
+        self._add_counts(counts)
+
+    def _add_counts(self, counts: dict) -> None:
+        self.num_users += counts["num_users"]
+        self.num_interactions += counts["num_interactions"]
+        self.skipped["short_users"] += counts["short_users"]
+        self._popularity += counts["popularity"]
+
+    def _finish_sequences(self) -> None:
+        if self._sequences is not None:
+            self._add_counts(self._sequences.close())
+            self._sequences = None
 
     def commit(self, name: str, source: str, synthetic_images: bool, image_fraction: float,
                skipped: dict | None = None, sources: dict | None = None, **extra) -> dict:
         """Finishes every file, writes the manifest and renames the directory into place. Returns the manifest."""
+        self._finish_sequences()  # the MDS shards and their index.json
         if self.num_users == 0:
             raise DataError(f"{name}: no user has {MIN_INTERACTIONS} or more interactions")
-        self._stack.close()  # finishes the MDS shards and their index.json
+        for split in ("train", "eval"):  # parts written in parallel: one index per split over all of them
+            if self._parts:
+                merge_index([str(self.tmp / split / part / "index.json") for part in self._parts],
+                            str(self.tmp / split))
         np.save(self.tmp / "items" / "popularity.npy", self._popularity)
         self.tokenizer.save_pretrained(self.tmp / "tokenizer")
         manifest = {
@@ -281,14 +339,22 @@ def _find_one(src: Path, suffix: str) -> Path:
 def _read_atomic(path: Path, fields: tuple[str, ...], kind: str, problems: _RowProblems
                  ) -> Iterator[tuple[int, list[str]]]:
     """Yields (line number, values of `fields`) per well-formed row of a tab-separated atomic file."""
-    with open(path, encoding="utf-8") as f:
-        header = f.readline().rstrip("\r\n").split("\t")
+    with open(path, "rb") as f:
+        try:
+            header = f.readline().decode("utf-8").rstrip("\r\n").split("\t")
+        except UnicodeDecodeError as err:
+            raise DataError(f"{path}: line 1: header is not UTF-8 ({err})") from None
         names = [column.split(":", 1)[0] for column in header]
         missing = [name for name in fields if name not in names]
         if missing:
             raise DataError(f"{path}: line 1: header has no column {missing[0]!r} (columns: {', '.join(names)})")
         picks = [names.index(name) for name in fields]
-        for line_no, line in enumerate(f, start=2):
+        for line_no, raw in enumerate(f, start=2):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                problems(kind, path, line_no, f"not UTF-8 ({err})")
+                continue
             if not line.strip():
                 continue  # blank lines (a trailing newline too many) are not rows
             values = line.rstrip("\r\n").split("\t")
@@ -304,6 +370,9 @@ def _read_movies(path: Path, problems: _RowProblems) -> list[Movie]:
     for line_no, (item_id, title, year, genres) in _read_atomic(path, ITEM_FIELDS, "malformed_item_rows", problems):
         if item_id in seen:
             problems("duplicate_item_rows", path, line_no, f"item_id {item_id!r} appears twice")
+            continue
+        if not title.strip():
+            problems("malformed_item_rows", path, line_no, f"item_id {item_id!r} has an empty title")
             continue
         seen.add(item_id)
         movies.append(Movie(item_id, title.strip(), year.strip(), genres.split()))

@@ -8,10 +8,19 @@ nothing is shared, yet what a model learns on one (topic words, topic looks, top
   in the topic's colors and shape with per-item placement, and a power-law popularity weight.
 - Users: 1-3 favourite topics; the next item's topic follows the world's topic succession from the last
   item's topic or falls back to a favourite; within a topic, items are drawn by popularity, never twice.
-  Sequences are generated in time order, so no timestamps are stored.
+  Sequences are generated in time order, so no timestamps are stored. Lengths follow a discrete power law
+  p(L) ~ L^-length_exponent on min_len..max_len (0 = uniform); `MICROLENS` is MicroLens' shape.
+
+Scale: users are drawn in parts of `users_per_part`, part p from its own seed (seed, p), vectorized over the
+part's users, so the data set depends on neither the number of processes nor their order, and memory is
+bounded by one part per process. With `workers` > 1, a forked process pool renders the posters and writes
+each part as its own MDS shard set (prepare.SequenceWriter), joined by one index per split.
 """
 from __future__ import annotations
 
+import itertools
+import multiprocessing
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -20,7 +29,7 @@ import numpy as np
 
 from transrec.dataloading.batch import IMAGE
 from transrec.dataloading.posters import RGB, SHAPES, render_poster, tag_color
-from transrec.dataloading.prepare import DatasetWriter, ItemRecord, choose_modalities
+from transrec.dataloading.prepare import TOKENIZE_CHUNK, DatasetWriter, ItemRecord, SequenceWriter, choose_modalities
 
 TOPIC_WORDS: dict[str, tuple[str, ...]] = {  # real English words, so that the tokenizer sees real tokens
     "sports": tuple("football goal team coach stadium match league player score ball season champion".split()),
@@ -46,6 +55,9 @@ STAY, FOLLOW = 0.5, 0.35  # topic succession: stay on the topic, move to its suc
 SUCCESSION_WEIGHT = 0.7  # share of next topics drawn from the succession; the rest from the user's favourites
 POPULARITY_EXPONENT = 0.9  # item weight = rank ** -exponent
 MAX_ITEM_TRIES = 32  # popularity draws before falling back to a uniform unseen item
+USERS_PER_PART = 50_000  # users drawn (and, in parallel, written) together: one seed and one shard set each
+# MicroLens (~1B interactions, ~1M items): histories of 5 to a few hundred items, ~29 on average
+MICROLENS = {"min_len": 5, "max_len": 500, "length_exponent": 1.8}
 
 
 @dataclass(frozen=True)
@@ -78,11 +90,6 @@ class Catalogue:
     weight: np.ndarray  # float [N], power-law popularity
     texts: list[str]
 
-    def members(self, topic: int) -> tuple[np.ndarray, np.ndarray]:
-        """Items of `topic` and their cumulative popularity (for inverse-CDF draws)."""
-        members = np.flatnonzero(self.topic == topic)
-        return members, np.cumsum(self.weight[members])
-
 
 def make_catalogue(world: World, num_items: int, rng: np.random.Generator) -> Catalogue:
     if num_items < len(world.topics):
@@ -98,67 +105,163 @@ def make_catalogue(world: World, num_items: int, rng: np.random.Generator) -> Ca
     return Catalogue(topic, weight, texts)
 
 
-def _draw_item(members: np.ndarray, cumulative: np.ndarray, seen: set[int], num_items: int,
-               rng: np.random.Generator) -> int:
-    for _ in range(MAX_ITEM_TRIES):
-        item = int(members[np.searchsorted(cumulative, rng.random() * cumulative[-1], side="right")])
-        if item not in seen:
-            return item
-    unseen = np.setdiff1d(np.arange(num_items), np.fromiter(seen, np.int64))
-    return int(rng.choice(unseen))
+@dataclass
+class UserModel:
+    """How users are drawn (picklable: what a worker process needs to draw a part)."""
+
+    world: World
+    topic: np.ndarray  # int64 [N]: each item's topic
+    weight: np.ndarray  # float [N]: each item's popularity weight
+    seed: int
+    min_len: int
+    max_len: int
+    length_exponent: float
+
+    def __post_init__(self):
+        if not 3 <= self.min_len <= min(self.max_len, len(self.topic)):
+            raise ValueError(f"need 3 <= min_len <= min(max_len, items), got {self.min_len}, {self.max_len}, "
+                             f"{len(self.topic)}")
+        lengths = np.arange(self.min_len, min(self.max_len, len(self.topic)) + 1)  # no item occurs twice
+        weights = lengths ** -float(self.length_exponent)
+        self.lengths, self.length_cdf = lengths, np.cumsum(weights) / weights.sum()
+        members = [np.flatnonzero(self.topic == k) for k in range(len(self.world.topics))]
+        self._members = [(m, np.cumsum(self.weight[m])) for m in members]  # per topic, for inverse-CDF draws
+
+    def mean_length(self) -> float:
+        return float(np.diff(self.length_cdf, prepend=0.0) @ self.lengths)
+
+    def users(self, part: int, count: int) -> list[np.ndarray]:
+        """The chronological sequences of the `count` users of part `part`."""
+        rng = np.random.default_rng([self.seed, part])
+        lengths = self.lengths[np.searchsorted(self.length_cdf, rng.random(count), side="right")]
+        topics = self._topic_walks(lengths, rng)
+        owner = np.repeat(np.arange(count), lengths)
+        items = self._dedup(owner, topics, self._draw(topics, rng), rng)
+        return np.split(items, np.cumsum(lengths)[:-1])
+
+    def _topic_walks(self, lengths: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Every user's topic per step, flat in (user, step) order; all users advance one step at a time."""
+        count, num_topics = len(lengths), len(self.world.topics)
+        favourites = np.argsort(rng.random((count, num_topics)), axis=1)[:, :3]  # distinct, random order
+        num_favourites = np.minimum(rng.integers(1, 4, count), num_topics)
+        succession = np.cumsum(self.world.succession, axis=1)
+        order = np.argsort(-lengths, kind="stable")  # longest first: the users still walking are a prefix
+        ascending = -lengths[order]
+        walks = np.zeros((count, lengths.max()), np.int8)
+
+        def favourite(users: np.ndarray) -> np.ndarray:
+            return favourites[users, (rng.random(len(users)) * num_favourites[users]).astype(np.int64)]
+
+        topic = favourite(order)
+        for step in range(lengths.max()):
+            walking = order[:np.searchsorted(ascending, -step, side="left")]  # length > step
+            topic = topic[:len(walking)]
+            walks[walking, step] = topic
+            follows = (rng.random(len(walking))[:, None] > succession[topic]).sum(1).clip(max=num_topics - 1)
+            topic = np.where(rng.random(len(walking)) < SUCCESSION_WEIGHT, follows, favourite(walking))
+        return walks[np.arange(lengths.max()) < lengths[:, None]]
+
+    def _draw(self, topics: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """An item of each position's topic, by popularity (inverse CDF)."""
+        items = np.empty(len(topics), np.int64)
+        for k, (members, cumulative) in enumerate(self._members):
+            where = np.flatnonzero(topics == k)
+            drawn = np.searchsorted(cumulative, rng.random(len(where)) * cumulative[-1], side="right")
+            items[where] = members[drawn]
+        return items
+
+    def _dedup(self, owner: np.ndarray, topics: np.ndarray, items: np.ndarray, rng: np.random.Generator
+               ) -> np.ndarray:
+        """Redraws every repeat of an item within a user's sequence: MAX_ITEM_TRIES times from the position's
+        topic, then uniformly, until no user has an item twice."""
+        checked = np.arange(len(items))  # positions of the users that may still hold a repeat
+        for attempt in itertools.count():
+            repeats = checked[_repeats(owner[checked], items[checked], len(self.topic))]
+            if not len(repeats):
+                return items
+            if attempt < MAX_ITEM_TRIES:
+                items[repeats] = self._draw(topics[repeats], rng)
+            else:
+                items[repeats] = rng.integers(0, len(self.topic), len(repeats))
+            checked = checked[np.isin(owner[checked], owner[repeats])]
 
 
-def user_sequence(world: World, catalogue: Catalogue, members: list[tuple[np.ndarray, np.ndarray]], length: int,
-                  rng: np.random.Generator) -> np.ndarray:
-    num_topics, num_items = len(world.topics), len(catalogue.topic)
-    favourites = rng.choice(num_topics, size=min(num_topics, int(rng.integers(1, 4))), replace=False)
-    topic = int(rng.choice(favourites))
-    sequence: list[int] = []
-    seen: set[int] = set()
-    for _ in range(length):
-        item = _draw_item(*members[topic], seen, num_items, rng)
-        sequence.append(item)
-        seen.add(item)
-        last = int(catalogue.topic[item])
-        if rng.random() < SUCCESSION_WEIGHT:
-            topic = int(rng.choice(num_topics, p=world.succession[last]))
-        else:
-            topic = int(rng.choice(favourites))
-    return np.array(sequence, np.int64)
+def _repeats(owner: np.ndarray, items: np.ndarray, num_items: int) -> np.ndarray:
+    """bool: the positions whose (owner, item) pair occurred at an earlier position."""
+    key = owner * num_items + items
+    order = np.argsort(key, kind="stable")  # equal pairs stay in position order
+    repeat = np.zeros(len(items), bool)
+    repeat[order[1:][key[order][1:] == key[order][:-1]]] = True
+    return repeat
 
 
-def _item_records(world: World, catalogue: Catalogue, modality: np.ndarray, seed: int, image_size: int
-                  ) -> Iterator[ItemRecord]:
-    for index, (topic, text) in enumerate(zip(catalogue.topic, catalogue.texts)):
+def _item_records(args: tuple) -> list[ItemRecord]:
+    """The records of items `first`..: their texts and topics given, posters rendered here (in a worker)."""
+    first, texts, topics, modality, num_topics, seed, image_size = args
+    world = make_world(num_topics)
+    records = []
+    for index, (text, topic, kind) in enumerate(zip(texts, topics, modality), start=first):
         jpeg = None
-        if modality[index] == IMAGE:
+        if kind == IMAGE:
             jpeg = render_poster(text, world.colors(topic), world.shape(topic), seed=seed * 2**32 + index,
                                  size=image_size)
-        yield ItemRecord(f"s{seed}-i{index}", text, int(modality[index]), jpeg)
+        records.append(ItemRecord(f"s{seed}-i{index}", text, int(kind), jpeg))
+    return records
+
+
+_USER_MODEL: UserModel | None = None  # a pool worker's, set once by _init_worker
+
+
+def _init_worker(model: UserModel) -> None:
+    global _USER_MODEL
+    _USER_MODEL = model
+
+
+def _write_part(args: tuple) -> dict:
+    """Draws part `part` and writes it as its own shard set under `root`; returns SequenceWriter.close()."""
+    root, part, count, num_items, users_per_part = args
+    writer = SequenceWriter(root, num_items, part=f"part{part:05d}", first_user=part * users_per_part)
+    for sequence in _USER_MODEL.users(part, count):
+        writer.add(sequence)
+    return writer.close()
 
 
 def prepare_synthetic(out: str | Path, users: int = 2000, items: int = 1000, seed: int = 0,
                       image_fraction: float = 0.5, min_len: int = 5, max_len: int = 50, topics: int = 16,
                       max_text_len: int = 32, tokenizer: str = "minilm", overwrite: bool = False,
-                      image_size: int = 96) -> dict:
+                      image_size: int = 96, length_exponent: float = 0.0, workers: int = 1,
+                      users_per_part: int = USERS_PER_PART) -> dict:
     """Generates a data set of `users` sequences over `items` items into `out`. Returns the manifest.
 
-    Sequence lengths are uniform in min_len..max_len, capped at `items` (no item occurs twice in a sequence).
+    Sequence lengths: p(L) ~ L^-length_exponent on min_len..max_len (0: uniform), capped at `items` (no item
+    occurs twice in a sequence). `workers` processes render posters and write parts; the data set is the
+    same for any number of them.
     """
-    if not 3 <= min_len <= min(max_len, items):
-        raise ValueError(f"need 3 <= min_len <= min(max_len, items), got {min_len}, {max_len}, {items}")
-    longest = min(max_len, items)
     world = make_world(topics)
     rng = np.random.default_rng(seed)
     catalogue = make_catalogue(world, items, rng)
+    model = UserModel(world, catalogue.topic, catalogue.weight, seed, min_len, max_len, length_exponent)
     modality = choose_modalities(items, image_fraction, seed)
-    members = [catalogue.members(k) for k in range(topics)]
-    with DatasetWriter(out, tokenizer, max_text_len, overwrite) as writer:
-        writer.write_items(_item_records(world, catalogue, modality, seed, image_size), items)
-        for _ in range(users):
-            writer.add_sequence(user_sequence(world, catalogue, members, int(rng.integers(min_len, longest + 1)), rng))
+    parts = [(part, min(users_per_part, users - start)) for part, start in enumerate(range(0, users, users_per_part))]
+    # forked before the tokenizer (and its threads) exist in this process; the workers inherit the model
+    pool = multiprocessing.get_context("fork").Pool(workers, _init_worker, (model,)) if workers > 1 else nullcontext()
+    with pool, DatasetWriter(out, tokenizer, max_text_len, overwrite) as writer:
+        imap = pool.imap if workers > 1 else map
+        chunk = TOKENIZE_CHUNK
+        chunks = [(first, catalogue.texts[first:first + chunk], catalogue.topic[first:first + chunk],
+                   modality[first:first + chunk], topics, seed, image_size) for first in range(0, items, chunk)]
+        writer.write_items(itertools.chain.from_iterable(imap(_item_records, chunks)), items)
+        if len(parts) == 1:  # one shard set, written here
+            for sequence in model.users(0, users):
+                writer.add_sequence(sequence)
+        else:
+            if workers == 1:
+                _init_worker(model)
+            for counts in imap(_write_part, [(writer.tmp, p, n, items, users_per_part) for p, n in parts]):
+                writer.add_part(counts)
         return writer.commit(
             name=f"synthetic-seed{seed}", source="synthetic", synthetic_images=True, image_fraction=image_fraction,
             image_size=image_size, seed=seed,
-            params={"users": users, "items": items, "topics": topics, "min_len": min_len, "max_len": max_len},
+            params={"users": users, "items": items, "topics": topics, "min_len": min_len, "max_len": max_len,
+                    "length_exponent": length_exponent, "users_per_part": users_per_part},
         )

@@ -11,17 +11,49 @@ from torch import nn
 
 from transrec.config import ModelConfig, from_dict
 from transrec.dataloading.batch import Batch, ItemBatch
-from transrec.models.image_encoder import ImageItemEncoder
+from transrec.models.image_encoder import ImageItemEncoder, split_blocks
 from transrec.models.item_encoders import ITEM_ENCODERS
 from transrec.models.losses import LOSSES
 from transrec.models.text_encoder import TextItemEncoder
 from transrec.models.user_encoder import USER_ENCODERS
 
 
+class Adapter(nn.Module):
+    """Bottleneck adapter (AdapterRec): x + up(gelu(down(x))) over the feature axis (last, or channels of a
+    feature map). `up` starts at zero, so a new adapter leaves its block's function unchanged."""
+
+    def __init__(self, width: int, dim: int):
+        super().__init__()
+        self.down, self.up = nn.Linear(width, dim), nn.Linear(dim, width)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        channels_last = x.movedim(1, -1) if x.dim() == 4 else x
+        out = channels_last + self.up(nn.functional.gelu(self.down(channels_last)))
+        return out.movedim(-1, 1) if x.dim() == 4 else out
+
+
+def _width(block: nn.Module) -> int:
+    """Features of a block's output: those of its last linear or convolution layer."""
+    last = [m for m in block.modules() if isinstance(m, (nn.Linear, nn.Conv2d))][-1]
+    return last.out_features if isinstance(last, nn.Linear) else last.out_channels
+
+
+def _adapt_output(adapter: Adapter):
+    def hook(module, inputs, output):
+        if isinstance(output, tuple):  # transformers layers return (hidden, ...)
+            return (adapter(output[0]), *output[1:])
+        return adapter(output)
+
+    return hook
+
+
 class TransRec(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
+        self.adapter_settings: dict | None = None  # set by add_adapters
         self.item_encoder = ITEM_ENCODERS.get(cfg.item_encoder)(cfg)
         self.user_encoder = USER_ENCODERS.get(cfg.user_encoder)(cfg)
         self.loss = LOSSES.get(cfg.loss)()
@@ -85,8 +117,32 @@ class TransRec(nn.Module):
             for (part, decay), params in groups.items()
         ]
 
-    def save_pretrained(self, directory: str | Path, dtype: torch.dtype = torch.bfloat16) -> None:
-        """Writes config.json and model.safetensors: a model that rebuilds with no other file."""
+    def add_adapters(self, blocks: int, dim: int) -> nn.ModuleList:
+        """Bottleneck adapters after every user-encoder layer and each tower's top `blocks` blocks; returns them.
+        (The text tower's top `blocks` must be its trainable ones, which run with autograd.)"""
+        targets = list(self.user_encoder.encoder.layers)
+        for tower in self.towers():
+            tower_blocks = list(tower.body.encoder.layer) if isinstance(tower, TextItemEncoder) else split_blocks(tower.body)[0]
+            targets += tower_blocks[-blocks:]
+        self.adapters = nn.ModuleList(Adapter(_width(block), dim) for block in targets)
+        for block, adapter in zip(targets, self.adapters):
+            block.register_forward_hook(_adapt_output(adapter))
+        self.adapter_settings = {"blocks": blocks, "dim": dim}
+        return self.adapters
+
+    def tower_bodies(self) -> list[tuple[str, str, TextItemEncoder | ImageItemEncoder]]:
+        """(state-dict prefix of the body, export subdirectory, tower) of each content tower."""
+        return [(f"{name}.body.", "text_encoder" if isinstance(tower, TextItemEncoder) else "image_encoder", tower)
+                for name, tower in self.named_modules() if isinstance(tower, (TextItemEncoder, ImageItemEncoder))]
+
+    def save_pretrained(self, directory: str | Path, dtype: torch.dtype = torch.bfloat16,
+                        towers_apart: bool = False) -> None:
+        """Writes config.json and model.safetensors: a model that rebuilds with no other file.
+
+        With `towers_apart`, each tower's body is stored in its own library's format instead of in
+        model.safetensors (every weight is still stored once): text_encoder/ loads with
+        `transformers.AutoModel.from_pretrained`, image_encoder/ with `timm.create_model("local-dir:...")`
+        or `timm.create_model(name, num_classes=0, **model_args)` + its model.safetensors."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         config = dataclasses.asdict(self.cfg)
@@ -97,18 +153,42 @@ class TransRec(nn.Module):
         if text is not None:
             config["text"]["config"] = text.body.config.to_dict()
         config["image"]["weights"] = ""
+        if self.adapter_settings:
+            config["adapters"] = self.adapter_settings
         (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         state = {
             name: t.detach().to("cpu", dtype if t.is_floating_point() else t.dtype).contiguous()
             for name, t in self.state_dict().items()
         }
+        for prefix, subdir, tower in self.tower_bodies() if towers_apart else []:
+            (directory / subdir).mkdir(exist_ok=True)
+            body = {name.removeprefix(prefix): state.pop(name) for name in list(state) if name.startswith(prefix)}
+            safetensors.torch.save_file(body, str(directory / subdir / "model.safetensors"), metadata={"format": "pt"})
+            if isinstance(tower, TextItemEncoder):
+                tower.body.config.save_pretrained(directory / subdir)
+            else:
+                timm_config = {"architecture": self.cfg.image.name, "num_classes": 0,
+                               "num_features": tower.body.num_features, "model_args": self.cfg.image.kwargs,
+                               "pretrained_cfg": tower.body.pretrained_cfg}
+                (directory / subdir / "config.json").write_text(json.dumps(timm_config, indent=2) + "\n")
         safetensors.torch.save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, dtype: torch.dtype | None = None) -> "TransRec":
-        """Rebuilds a save_pretrained export; safetensors only, nothing is unpickled."""
+    def from_pretrained(cls, directory: str | Path, dtype: torch.dtype | None = None,
+                        cfg: ModelConfig | None = None) -> "TransRec":
+        """Rebuilds a save_pretrained export (towers apart or not); safetensors only, nothing is unpickled.
+        `cfg` replaces the saved config where it describes the same weights (e.g. other trainable blocks)."""
         directory = Path(directory)
         config_path = directory / "config.json"
-        model = cls(from_dict(ModelConfig, json.loads(config_path.read_text()), str(config_path)))
-        model.load_state_dict(safetensors.torch.load_file(str(directory / "model.safetensors")), strict=True)
+        saved = json.loads(config_path.read_text())
+        adapters = saved.pop("adapters", None)
+        model = cls(cfg or from_dict(ModelConfig, saved, str(config_path)))
+        if adapters:
+            model.add_adapters(**adapters)
+        state = safetensors.torch.load_file(str(directory / "model.safetensors"))
+        for prefix, subdir, _ in model.tower_bodies():
+            if (directory / subdir / "model.safetensors").exists():
+                body = safetensors.torch.load_file(str(directory / subdir / "model.safetensors"))
+                state.update({prefix + name: t for name, t in body.items()})
+        model.load_state_dict(state, strict=True)
         return model if dtype is None else model.to(dtype)

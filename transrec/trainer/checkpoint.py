@@ -9,6 +9,9 @@ Save: every rank writes into <tag>.tmp/; after a barrier rank 0 flushes and hash
 manifest, renames the directory to <tag>, and only then moves `latest`; it keeps the newest `keep` tags
 (and the protected ones, e.g. the best). Load: the newest tag whose files match its manifest; a damaged one
 (a file missing, truncated or changed) is skipped with a `CheckpointWarning` that names what is wrong.
+On another number of ranks than saved it, rank 0 first converts the tag to DeepSpeed's universal format
+(<tag>/universal/) and every rank loads that; the loader's position counts samples of all ranks, so the
+data goes on at the right sample.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import random
 import shutil
 import sys
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -30,6 +34,7 @@ from transrec.dataloading.prepare import sha256_file
 from transrec.trainer.evaluate import rank_and_world
 
 MANIFEST = "manifest.json"
+UNIVERSAL = "universal"  # tag_dir/universal: the tag converted for another world size
 STAGING, REPLACED = ".tmp", ".old"
 
 
@@ -121,6 +126,11 @@ def read_manifest(tag_dir: Path) -> dict:
     return json.loads((tag_dir / MANIFEST).read_text())
 
 
+def saved_bytes(tag_dir: Path) -> int:
+    """Size of a checkpoint as saved (its manifest's files: not a universal conversion made later)."""
+    return sum(f["bytes"] for f in read_manifest(tag_dir)["files"].values())
+
+
 def problems(tag_dir: Path) -> list[str]:
     """What is wrong with a checkpoint directory, checked against its manifest; empty when it is intact."""
     try:
@@ -183,39 +193,86 @@ def save(engine, checkpoint_dir: Path, tag: str, trainer_state: dict, keep: int,
         pointer = checkpoint_dir / ("latest" + STAGING)
         pointer.write_text(tag)
         pointer.replace(checkpoint_dir / "latest")
-        for old in published_tags(checkpoint_dir)[:-keep]:
+        for old in published_tags(checkpoint_dir)[:-max(keep, 1)]:
             if old.name not in protected:
                 shutil.rmtree(old, ignore_errors=True)
-        for stale in checkpoint_dir.glob(f"step*{STAGING}"):  # staging dirs of crashed saves
-            shutil.rmtree(stale, ignore_errors=True)
+        for stale in [*checkpoint_dir.glob(f"step*{STAGING}"), *checkpoint_dir.glob(f"step*{REPLACED}")]:
+            shutil.rmtree(stale, ignore_errors=True)  # left by saves that crashed
     _barrier()
 
 
-def load_newest(engine, checkpoint_dir: Path) -> dict | None:
-    """Restores the newest intact checkpoint (chosen by rank 0, the same on every rank) into the engine
-    and returns this rank's trainer state; None when the run has no checkpoint yet."""
-    rank, world = rank_and_world()
-    choice = [newest_intact_tag(checkpoint_dir) if rank == 0 else None]
+@dataclass(frozen=True)
+class ResumePoint:
+    """The checkpoint a run resumes from. On another world size than it was saved with, DeepSpeed loads
+    it through a universal checkpoint (optimizer state per parameter, any partitioning; ZeRO 1-3)."""
+
+    checkpoint_dir: Path
+    tag: str
+    saved_world: int
+
+    @property
+    def universal(self) -> bool:
+        return self.saved_world != rank_and_world()[1]
+
+
+def find_resume_point(checkpoint_dir: Path) -> ResumePoint | None:
+    """The newest intact checkpoint, chosen by rank 0 and the same on every rank (None: start afresh).
+    Call it before `deepspeed.initialize`: a universal load must be configured there."""
+    rank, _ = rank_and_world()
+    choice: list = [None]
+    if rank == 0:
+        tag = newest_intact_tag(checkpoint_dir)
+        if tag is not None:
+            choice = [ResumePoint(checkpoint_dir, tag, read_manifest(checkpoint_dir / tag)["world_size"])]
+            if choice[0].universal:
+                to_universal(checkpoint_dir / tag)
     if dist.is_initialized():
         dist.broadcast_object_list(choice, src=0)
-    return None if choice[0] is None else load(engine, checkpoint_dir, choice[0])
+    return choice[0]
 
 
-def load(engine, checkpoint_dir: Path, tag: str) -> dict:
-    """Restores the engine (model, optimizer, LR schedule) from `tag` and returns this rank's trainer state.
+def to_universal(tag_dir: Path) -> Path:
+    """Converts a checkpoint to DeepSpeed's universal format in tag_dir/universal (once)."""
+    from argparse import Namespace
 
-    On another world size (ZeRO-1/2 only, whose checkpoints are elastic), a rank the checkpoint has no state
-    for takes rank 0's (the loader position and counters are global) but keeps its own fresh RNG."""
-    rank, world = rank_and_world()
-    saved_world, stage = read_manifest(checkpoint_dir / tag).get("world_size", world), engine.zero_optimization_stage()
-    if saved_world != world and stage == 3:
-        raise RuntimeError(f"checkpoint {tag} was saved by {saved_world} ranks; ZeRO-3 resumes only on as many "
-                           f"(this run has {world})")
-    load_path, _ = engine.load_checkpoint(str(checkpoint_dir), tag=tag)
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    out = tag_dir / UNIVERSAL
+    if not out.is_dir():
+        staging = tag_dir / (UNIVERSAL + STAGING)
+        shutil.rmtree(staging, ignore_errors=True)
+        with contextlib.redirect_stdout(sys.stderr):
+            ds_to_universal(Namespace(input_folder=str(tag_dir), output_folder=str(staging), num_extract_workers=1,
+                                      num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                      inject_missing_state=True))
+        staging.rename(out)
+    return out
+
+
+def load(engine, point: ResumePoint) -> dict:
+    """Restores the engine (model, optimizer, LR schedule) from `point` and returns this rank's trainer state.
+
+    On another world size, a rank the checkpoint has no state for takes rank 0's (the loader position and the
+    counters are global) but keeps its own fresh RNG."""
+    rank, _ = rank_and_world()
+    engine_tag = f"{point.tag}/{UNIVERSAL}" if point.universal else point.tag
+    groups = engine.optimizer.param_groups
+    hyperparameters = [{k: v for k, v in group.items() if k != "params"} for group in groups]
+    load_path, _ = engine.load_checkpoint(str(point.checkpoint_dir), tag=engine_tag)
     if load_path is None:
-        raise RuntimeError(f"checkpoint {checkpoint_dir / tag} could not be loaded")
-    own = rank < saved_world
-    state = torch.load(checkpoint_dir / tag / f"rank{rank if own else 0}_state.pt", weights_only=True)
+        raise RuntimeError(f"checkpoint {point.checkpoint_dir / engine_tag} could not be loaded")
+    if point.universal:
+        # DeepSpeed 0.19.8's ZeRO-3 universal load gives every param group the first group's hyperparameters
+        # (lr, weight_decay...) and one shared `step` tensor, which each group's update then increments:
+        # put back each group's own values, at the restored schedule's learning rate, and a step of its own.
+        for group, own_values, lr in zip(groups, hyperparameters, engine.lr_scheduler.get_last_lr()):
+            group.update(own_values, lr=lr)
+        inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+        for param_state in inner.state.values():
+            if torch.is_tensor(param_state.get("step")):
+                param_state["step"] = param_state["step"].clone()
+    own = rank < point.saved_world
+    state = torch.load(point.checkpoint_dir / point.tag / f"rank{rank if own else 0}_state.pt", weights_only=True)
     rng = state.pop("rng")
     if own:
         restore_rng_state(rng)
@@ -229,5 +286,7 @@ def consolidated_state_dict(checkpoint_dir: Path, tag: str | None = None) -> dic
     tag = tag or latest_tag(checkpoint_dir)
     if tag is None or not (checkpoint_dir / tag).is_dir():
         raise FileNotFoundError(f"no checkpoint {tag or '(latest)'} under {checkpoint_dir}")
+    if (checkpoint_dir / tag / MANIFEST).exists() and (found := problems(checkpoint_dir / tag)):
+        raise ValueError(f"checkpoint {checkpoint_dir / tag} is damaged: " + "; ".join(found))
     with contextlib.redirect_stdout(sys.stderr):  # it prints progress; stdout stays the command's output
         return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -18,6 +17,7 @@ from transrec.config import Config
 from transrec.trainer import checkpoint
 from transrec.trainer.audit import SampleAudit
 from transrec.trainer.evaluate import evaluate_popularity, evaluate_split, encode_catalogue, rank_and_world
+from transrec.trainer.finetune import build_model
 from transrec.trainer.runlog import RunLog
 
 
@@ -31,10 +31,8 @@ def use_bf16(precision: str) -> bool:
     return precision == "bf16" or (precision == "auto" and use_cuda())
 
 
-def deepspeed_config(cfg: Config) -> dict:
+def deepspeed_config(cfg: Config, load_universal: bool = False) -> dict:
     zero: dict = {"stage": cfg.train.zero_stage}
-    if cfg.train.zero_stage in (1, 2):
-        zero["elastic_checkpoint"] = True  # its optimizer state reloads on another number of ranks
     if cfg.train.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": use_cuda()}
     return {
@@ -47,6 +45,7 @@ def deepspeed_config(cfg: Config) -> dict:
         "zero_force_ds_cpu_optimizer": False,
         "bf16": {"enabled": use_bf16(cfg.train.precision)},
         "steps_per_print": 1 << 30,
+        "checkpoint": {"load_universal": load_universal},  # resuming on another number of ranks
     }
 
 
@@ -70,17 +69,6 @@ def init_distributed() -> torch.device:
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
-
-
-def build_model(cfg: Config, num_items: int):
-    from transrec.models import TransRec
-
-    if cfg.init_from:
-        model = TransRec.from_pretrained(cfg.init_from, dtype=torch.float32)
-        if model.cfg.item_encoder == "id":
-            raise ValueError(f"{cfg.init_from} is an ID-embedding model: its item table cannot transfer to new items")
-        return model
-    return TransRec(replace(cfg.model, num_items=num_items))
 
 
 def train(cfg: Config) -> dict:
@@ -114,18 +102,27 @@ def train(cfg: Config) -> dict:
 
     optimizer = torch.optim.AdamW(model.param_groups(cfg.train.lr, cfg.train.encoder_lr, cfg.train.weight_decay))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_linear_decay(cfg.train.warmup_steps, schedule_steps))
+    started = time.perf_counter()
+    resume = checkpoint.find_resume_point(checkpoint_dir)  # verifies each file; converts for another world size
+    resume_seconds = time.perf_counter() - started
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
-                                           config=deepspeed_config(cfg))
+                                           config=deepspeed_config(cfg, resume is not None and resume.universal))
     dtype = torch.bfloat16 if use_bf16(cfg.train.precision) else torch.float32
 
     torch.manual_seed(cfg.train.seed + rank)  # dropout differs per rank; a resume restores it instead
-    state = checkpoint.load_newest(engine, checkpoint_dir) or {"step": 0, "epoch": 0, "best": None, "history": []}
-    if "loader" in state:
+    state = {"step": 0, "epoch": 0, "best": None, "history": []}
+    if resume is not None:
+        started = time.perf_counter()
+        state = checkpoint.load(engine, resume)
         loader.load_state_dict(state.pop("loader"))
+        resume_seconds += time.perf_counter() - started
 
     audit = SampleAudit(run_dir, rank, cfg.train.log_sample_ids)  # which samples this rank trains on
     audit.start(state["step"], state["epoch"])
     log = RunLog(run_dir, enabled=rank == 0, total=total_steps, initial=state["step"])
+    if resume is not None:
+        log.write({"kind": "resume", "step": state["step"], "tag": resume.tag, "from_world_size": resume.saved_world,
+                   "seconds": resume_seconds})
     evaluators = {split: EvalLoader(cfg.data.path, split, cfg.eval.batch_size, model.cfg.max_seq_len, rank, world)
                   for split in ("valid", "test")}
     if "popularity" not in state:
@@ -161,6 +158,9 @@ def train(cfg: Config) -> dict:
             if state["step"] >= total_steps:
                 break
         else:
+            # rank 0's bad records skipped in the epoch (each rank's loader also logs its own)
+            log.write({"kind": "data", "step": state["step"], "epoch": state["epoch"],
+                       **{f"skipped/{kind}": count for kind, count in loader.skipped.items()}})
             state["epoch"] += 1  # the epoch ran to its end
         if state["step"] >= total_steps or state["epoch"] % cfg.eval.every_epochs == 0:
             metrics = evaluate(engine.module, store, decoder, evaluators, cfg, device, mode)

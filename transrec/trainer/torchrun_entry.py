@@ -3,11 +3,15 @@ WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT). Tests us
 
     torchrun --nproc_per_node 2 --master_addr 127.0.0.1 --master_port 29511 \\
         -m transrec.trainer.torchrun_entry --config configs/tiny.yaml --set name=x [--resume]
+
+or, from Python, `launch(2, "configs/tiny.yaml", ["name=x"])`, which picks a free loopback port.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import socket
+import subprocess
 import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -34,6 +38,21 @@ def main(argv: list[str] | None = None) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)  # ZeRO-3 sometimes aborts in interpreter teardown after all work is done (STACK.md)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(nproc: int, config: str, overrides: list[str], resume: bool = False,
+           timeout: float = 600) -> subprocess.CompletedProcess:
+    """Runs the train loop on `nproc` local ranks under torchrun; output captured, exit status not checked."""
+    args = ["--config", config, *(arg for item in overrides for arg in ("--set", item)), *(["--resume"] * resume)]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+               "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", __name__, *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,247 @@
+"""Each bad record gives its message (file, record) and either a counted skip or a stop before training."""
+from __future__ import annotations
+
+import gc
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from streaming import MDSWriter
+
+from test_prepare import ITEMS, write_source
+from transrec.config import DataConfig
+from transrec.dataloading.batch import IMAGE, TEXT
+from transrec.dataloading.images import ImageDecoder
+from transrec.dataloading.item_store import DatasetFileError, ItemStore
+from transrec.dataloading.loader import TrainLoader, _ShardedSequences
+from transrec.dataloading.prepare import SEQUENCE_COLUMNS, DataError, _describe_files, prepare_movielens
+
+BATCH = 16
+
+
+@pytest.fixture(autouse=True)
+def released_streaming_datasets():
+    yield
+    gc.collect()  # one live StreamingDataset per directory per process
+
+
+@pytest.fixture
+def data(tiny_dataset, tmp_path) -> Path:
+    return Path(shutil.copytree(tiny_dataset, tmp_path / "data"))
+
+
+def make_loader(dataset: Path, policy: str, decoder=None, workers: int = 0, verify: str = "full") -> TrainLoader:
+    return TrainLoader(DataConfig(loader_workers=workers, on_bad_record=policy), dataset, batch_size=BATCH,
+                       max_seq_len=6, num_negatives=2, seed=3, rank=0, world_size=1, decoder=decoder, verify=verify)
+
+
+def epoch(loader: TrainLoader) -> list:
+    batches = list(loader)
+    loader.close()
+    return batches
+
+
+def train_sequences(dataset: Path) -> list[np.ndarray]:
+    return [sample["items"] for sample in _ShardedSequences(dataset / "train")]
+
+
+def sign(dataset: Path) -> None:
+    """Records the files as they are now in the manifest: data that was bad when it was written."""
+    manifest = json.loads((dataset / "manifest.json").read_text())
+    manifest["files"] = {k: v for k, v in _describe_files(dataset).items() if k != "manifest.json"}
+    (dataset / "manifest.json").write_text(json.dumps(manifest))
+
+
+def set_image(dataset: Path, item: int, jpeg: bytes) -> None:
+    items = dataset / "items"
+    offsets = np.load(items / "image_offsets.npy")
+    images = (items / "images.bin").read_bytes()
+    (items / "images.bin").write_bytes(images[:offsets[item]] + jpeg + images[offsets[item + 1]:])
+    offsets[item + 1:] += len(jpeg) - (offsets[item + 1] - offsets[item])
+    np.save(items / "image_offsets.npy", offsets)
+    sign(dataset)
+
+
+def rewrite_train(dataset: Path, edits: dict[int, list[int]], size_limit: int = 1 << 26) -> None:
+    """Rewrites the train shards with some sequences replaced (sample index -> items)."""
+    samples = list(_ShardedSequences(dataset / "train"))
+    shutil.rmtree(dataset / "train")
+    with MDSWriter(out=str(dataset / "train"), columns=SEQUENCE_COLUMNS, size_limit=size_limit) as writer:
+        for i, sample in enumerate(samples):
+            writer.write({"user": sample["user"], "items": np.array(edits.get(i, sample["items"]), np.int64)})
+    sign(dataset)
+
+
+def sample_ids(batches) -> list[int]:
+    return [i for batch in batches for i in batch.sample_ids.tolist()]
+
+
+def holding(dataset: Path, item: int) -> set[int]:
+    return {i for i, items in enumerate(train_sequences(dataset)) if item in items}
+
+
+def assert_skipped_exactly(dataset: Path, batches, skipped: set[int], loader: TrainLoader, kind: str) -> None:
+    assert sorted(sample_ids(batches)) == sorted(set(range(120)) - skipped)
+    assert loader.skipped[kind] == len(skipped) and loader.state_dict()["samples_in_epoch"] == 120
+    assert sum(loader.skipped.values()) == len(skipped)
+
+
+def busy_item(dataset: Path, modality: int) -> int:
+    """The item of `modality` that the most train sequences hold."""
+    store_modality = np.load(dataset / "items" / "modality.npy")
+    counts = np.bincount(np.concatenate(train_sequences(dataset)), minlength=len(store_modality))
+    return int(np.argmax(np.where(store_modality == modality, counts, -1)))
+
+
+@pytest.mark.parametrize("jpeg, kind, problem", [
+    (b"", "missing_image", "an image item with no image"),
+    (b"GIF89a not a jpeg at all", "not_a_jpeg", r"its image bytes do not start like a JPEG \(FF D8\)"),
+])
+def test_missing_or_corrupt_image(data, jpeg, kind, problem):
+    item = busy_item(data, IMAGE)
+    set_image(data, item, jpeg)
+    with pytest.raises(DataError, match=rf"images?[._].*: item {item}: {problem}(.|\n)*on_bad_record=skip"):
+        make_loader(data, "stop")
+    loader = make_loader(data, "skip")
+    assert loader.found == {kind: 1}
+    batches = epoch(loader)
+    assert_skipped_exactly(data, batches, holding(data, item), loader, kind)
+    for batch in batches:  # nor is it ever drawn as a negative
+        assert item not in batch.items.ids.tolist()
+
+
+@pytest.mark.parametrize("policy", ["skip", "stop"])
+def test_image_that_does_not_decode_is_blanked_and_counted(data, policy):
+    """A JPEG whose start is fine but whose body is cut: only decoding finds it, mid-epoch; no crash."""
+    item = busy_item(data, IMAGE)
+    offsets = np.load(data / "items" / "image_offsets.npy")
+    set_image(data, item, (data / "items" / "images.bin").read_bytes()[offsets[item]:offsets[item] + 60])
+    loader = make_loader(data, policy, decoder=ImageDecoder(16, backend="dali"), workers=1)
+    assert loader.found == {}
+    batches = epoch(loader)
+    assert sorted(sample_ids(batches)) == list(range(120))
+    blanked = 0
+    for batch in batches:
+        ids = batch.items.ids[batch.items.image_rows].tolist()
+        if item in ids:
+            assert not batch.items.images[ids.index(item)].any()  # zeros: the normalized mean image
+            assert [r.kind for r in batch.skipped] == ["blank_image"]
+            assert str(batch.skipped[0]).startswith(
+                f"{data / 'items' / 'images.bin'}: item {item}: cannot decode its image (60 bytes): ")
+            blanked += 1
+    assert blanked > 0 and loader.skipped["blank_image"] == blanked
+
+
+def test_evaluation_shows_a_bad_image_blank(data):
+    item = busy_item(data, IMAGE)
+    set_image(data, item, b"")
+    store = ItemStore(data)
+    ids = np.flatnonzero(store.modality == IMAGE)[:6]
+    images = store.item_batch(np.union1d(ids, [item]), decoder=ImageDecoder(16, backend="dali")).images
+    assert images.shape[0] == len(np.union1d(ids, [item]))
+    assert [bool(image.any()) for image in images] == [i != item for i in np.union1d(ids, [item])]
+
+
+def test_empty_title(data):
+    item = busy_item(data, TEXT)
+    tokens, lengths = np.load(data / "items" / "tokens.npy"), np.load(data / "items" / "token_lengths.npy")
+    tokens[item] = tokens[item, -1]  # padding
+    tokens[item, :2], lengths[item] = (101, 102), 2  # what the tokenizer makes of "": [CLS] [SEP]
+    np.save(data / "items" / "tokens.npy", tokens)
+    np.save(data / "items" / "token_lengths.npy", lengths)
+    sign(data)
+    with pytest.raises(DataError, match=rf"tokens\.npy: item {item}: empty title"):
+        make_loader(data, "stop")
+    loader = make_loader(data, "skip")
+    assert_skipped_exactly(data, epoch(loader), holding(data, item), loader, "empty_title")
+
+
+@pytest.mark.parametrize("items, kind, problem", [
+    ([3, 999, 4], "unknown_item", r"item 999 is not in the catalogue \(0\.\.79\)"),
+    ([-1, 5], "unknown_item", r"item -1 is not in the catalogue"),
+    ([7], "too_short", r"1 train item\(s\), a sample needs 2"),
+])
+def test_unknown_item_or_too_short_user(data, items, kind, problem):
+    rewrite_train(data, {5: items})
+    with pytest.raises(DataError, match=rf"shard\.00000\.mds: sample 5 \(user 5\): {problem}"):
+        make_loader(data, "stop")
+    loader = make_loader(data, "skip", workers=1)
+    assert loader.found == {}  # found while training, not before
+    assert_skipped_exactly(data, epoch(loader), {5}, loader, kind)
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_shard_with_another_checksum(data, damage):
+    rewrite_train(data, {}, size_limit=1 << 10)  # several shards
+    index = json.loads((data / "train" / "index.json").read_text())["shards"]
+    assert len(index) >= 3
+    shard = data / "train" / index[1]["raw_data"]["basename"]
+    payload = bytearray(shard.read_bytes())
+    payload = payload[:-7] if damage == "truncate" else payload[:-1] + bytes([payload[-1] ^ 0xFF])
+    shard.write_bytes(bytes(payload))
+    with pytest.raises(DatasetFileError, match=rf"{shard.name}: (sha256 differs|\d+ bytes)"):
+        make_loader(data, "stop")
+    loader = make_loader(data, "skip")
+    assert loader.found == {"bad_shard": 1}
+    first = index[0]["samples"]
+    assert_skipped_exactly(data, epoch(loader), set(range(first, first + index[1]["samples"])), loader, "bad_shard")
+
+
+def test_what_cannot_be_skipped_stops_with_either_policy(data):
+    tokens = data / "items" / "tokens.npy"
+    payload = bytearray(tokens.read_bytes())
+    payload[-1] ^= 0xFF
+    tokens.write_bytes(bytes(payload))
+    with pytest.raises(DatasetFileError, match=r"tokens\.npy: sha256 differs"):
+        make_loader(data, "skip")
+    with pytest.raises(ValueError, match=r"data.on_bad_record must be one of \('skip', 'stop'\), got 'ignore'"):
+        make_loader(data, "ignore")
+
+
+def test_unreadable_sample_is_skipped(data):
+    """Bytes the checksum would catch, unchecked (verify=size): the sample does not decode."""
+    shard = data / "train" / "shard.00000.mds"
+    payload = bytearray(shard.read_bytes())
+    begin = int(np.frombuffer(payload, np.uint32, 1, offset=4 * (1 + 9))[0])  # sample 9
+    payload[begin + 4] = 0xFF  # its items' header: 63 dimensions
+    shard.write_bytes(bytes(payload))
+    loader = make_loader(data, "skip", verify="size")
+    batches = epoch(loader)
+    assert_skipped_exactly(data, batches, {9}, loader, "unreadable")
+
+
+def test_a_batch_of_only_bad_samples_is_not_a_step(data):
+    item = busy_item(data, IMAGE)
+    rewrite_train(data, {i: [item] for i in range(120)})  # every sample too short
+    loader = make_loader(data, "skip")
+    assert epoch(loader) == [] and loader.skipped["too_short"] == 120 and loader.skipped["empty_batch"] == 8
+
+
+@pytest.mark.parametrize("line, problem", [
+    (b"5\tEpsilon \xff\xfe\t1994\tDrama", r"line 6: not UTF-8"),
+    (b"5\t  \t1994\tDrama", r"line 6: item_id '5' has an empty title"),
+])
+def test_prepare_names_a_title_that_is_empty_or_not_utf8(tmp_path, line, problem):
+    src = write_source(tmp_path / "src", ["7\t1\t5\t1", "7\t2\t5\t2", "7\t5\t5\t3", "7\t3\t5\t4"])
+    item_file = src / "toy.item"
+    item_file.write_bytes(item_file.read_bytes() + line + b"\n")
+    with pytest.raises(DataError, match=rf"toy\.item: {problem}"):
+        prepare_movielens(src, tmp_path / "out")
+    manifest = prepare_movielens(src, tmp_path / "out", skip_bad_rows=True)
+    assert manifest["skipped"]["malformed_item_rows"] == 1 and manifest["num_items"] == len(ITEMS)
+    assert manifest["skipped"]["unknown_item_interactions"] == 1  # item 5's interaction
+
+
+def test_an_empty_batch_repeats_the_previous_one_when_ranks_step_together(data):
+    loader = make_loader(data, "skip")
+    good = next(iter(loader))
+    empty = type(good)(**{**good.__dict__, "users": good.users[:0], "skipped": ["..."]})
+    assert loader._replace_empty(empty, previous=None) is None  # one rank: nothing to keep in step with
+    loader.world_size = 2
+    assert loader._replace_empty(empty, previous=good) is good
+    with pytest.raises(DataError, match="every sample of this rank's first batch is bad"):
+        loader._replace_empty(empty, previous=None)
+    assert loader.skipped["empty_batch"] == 3
+    loader.close()

@@ -1,0 +1,67 @@
+"""Compact export of a ZeRO checkpoint: bf16 weights only, at most a quarter of the checkpoint, the text tower a
+transformers model directory, the image tower timm weights, and nothing to unpickle."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import safetensors.torch
+import timm
+import torch
+from transformers import AutoModel
+
+from transrec.models import TransRec
+from transrec.trainer.checkpoint import saved_bytes
+from transrec.trainer.export import export, load_checkpoint_model
+from transrec.trainer.torchrun_entry import launch
+
+CONFIG = str(Path(__file__).parents[1] / "configs" / "tiny.yaml")
+
+
+def files_bytes(directory: Path, pattern: str = "*") -> int:
+    return sum(p.stat().st_size for p in directory.rglob(pattern) if p.is_file())
+
+
+def test_bf16_export_is_a_quarter_of_the_checkpoint_and_loads_with_each_library(tmp_path):
+    from transrec.dataloading.synthetic import prepare_synthetic
+
+    prepare_synthetic(tmp_path / "data", users=48, items=40)
+    # every encoder weight trained, so the checkpoint holds optimizer state for all of them
+    sets = ["name=all", f"output_dir={tmp_path / 'runs'}", f"data.path={tmp_path / 'data'}", "train.max_steps=1",
+            "model.text.trainable_blocks=-1", "model.image.trainable_blocks=-1"]
+    result = launch(2, CONFIG, sets)
+    assert result.returncode == 0, result.stderr[-5000:]
+    run = tmp_path / "runs" / "all"
+    out = export(run, tmp_path / "export")
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    checkpoint_dir = run / "checkpoints" / manifest["tag"]
+    assert manifest["checkpoint_bytes"] == saved_bytes(checkpoint_dir) == files_bytes(checkpoint_dir, "*.pt")
+    assert manifest["bytes"] == files_bytes(out) - (out / "manifest.json").stat().st_size
+    assert files_bytes(out) * 4 <= files_bytes(checkpoint_dir), (files_bytes(out), files_bytes(checkpoint_dir))
+    assert not [p for p in out.rglob("*") if p.suffix in (".pt", ".bin", ".pkl", ".pth")]  # nothing pickled
+
+    reference, cfg, _ = load_checkpoint_model(run)
+    model = TransRec.from_pretrained(out).eval()
+    for name, tensor in reference.state_dict().items():  # the checkpoint's weights, rounded to bf16 once
+        expected = tensor.to(torch.bfloat16) if tensor.is_floating_point() else tensor
+        assert torch.equal(model.state_dict()[name], expected), name
+    text, image = model.item_encoder.text.body.float(), model.item_encoder.image.body.float()
+
+    # the text tower: a plain transformers model directory
+    loaded_text = AutoModel.from_pretrained(out / "text_encoder").float().eval()
+    tokens = torch.randint(1000, 30000, (3, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded_text(input_ids=tokens).last_hidden_state,
+                                   text(input_ids=tokens).last_hidden_state, atol=0, rtol=0)
+
+    # the image tower: timm weights, by name + kwargs, or from the directory alone
+    weights = safetensors.torch.load_file(str(out / "image_encoder" / "model.safetensors"))
+    by_name = timm.create_model(cfg.model.image.name, pretrained=False, num_classes=0, **cfg.model.image.kwargs)
+    by_name.load_state_dict(weights, strict=True)
+    from_dir = timm.create_model(f"local-dir:{out / 'image_encoder'}", pretrained=True)
+    images = torch.randn(2, 3, cfg.data.image_size, cfg.data.image_size)
+    with torch.no_grad():
+        expected = image(images)
+        for loaded_image in (by_name.float().eval(), from_dir.float().eval()):
+            torch.testing.assert_close(loaded_image(images), expected, atol=0, rtol=0)

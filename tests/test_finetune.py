@@ -1,0 +1,81 @@
+"""Fine-tuning modes from an export: full, top-k blocks, and adapters (only the adapters train)."""
+from __future__ import annotations
+
+import gc
+from pathlib import Path
+
+import pytest
+import torch
+
+from transrec.config import load_config
+from transrec.dataloading.images import ImageDecoder
+from transrec.dataloading.loader import TrainLoader
+from transrec.models import TransRec
+from transrec.trainer.finetune import build_model
+from transrec.trainer.run_dir import resolve
+
+CONFIG = Path(__file__).parents[1] / "configs" / "tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """(dataset directory, export directory of a tiny model) -- the export's towers as `transrec export` writes them."""
+    from transrec.dataloading.synthetic import prepare_synthetic
+
+    root = tmp_path_factory.mktemp("finetune")
+    manifest = prepare_synthetic(root / "data", users=48, items=40)
+    cfg = resolve(load_config(CONFIG, [f"data.path={root / 'data'}"]))
+    torch.manual_seed(0)
+    TransRec(cfg.model).save_pretrained(root / "export", dtype=torch.float32, towers_apart=True)
+    return root / "data", root / "export", manifest["num_items"]
+
+
+def finetune_model(pretrained, mode: str, blocks: int = 1) -> TransRec:
+    data, export, num_items = pretrained
+    cfg = resolve(load_config(CONFIG, [f"data.path={data}", f"init_from={export}", f"train.finetune_mode={mode}",
+                                       f"train.finetune_blocks={blocks}", "train.adapter_dim=4"]))
+    return build_model(cfg, num_items)
+
+
+def trainable(model: TransRec) -> set[str]:
+    return {name for name, p in model.named_parameters() if p.requires_grad}
+
+
+def test_full_and_top_k_modes_choose_the_trainable_blocks(pretrained):
+    full = finetune_model(pretrained, "full")
+    assert trainable(full) == {name for name, _ in full.named_parameters()}
+    top = trainable(finetune_model(pretrained, "top_k", blocks=1))
+    assert "item_encoder.text.body.encoder.layer.1.output.dense.weight" in top
+    assert "item_encoder.image.body.blocks.1.mlp.fc2.weight" in top and "user_encoder.positions.weight" in top
+    assert not any(".layer.0." in name or ".blocks.0." in name or "embeddings" in name for name in top)
+
+
+def test_adapters_mode_trains_only_the_adapters(pretrained):
+    data, export, _ = pretrained
+    model = finetune_model(pretrained, "adapters")
+    # after the user encoder's 1 layer and the top block of each tower
+    assert len(model.adapters) == 3 and trainable(model) == {n for n, _ in model.named_parameters() if n.startswith("adapters.")}
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+
+    loader = TrainLoader(load_config(CONFIG).data, data, batch_size=8, max_seq_len=10, num_negatives=2, seed=0,
+                         rank=0, world_size=1, decoder=ImageDecoder(32, "pil"))
+    batches = iter(loader)
+    with torch.no_grad():  # a new adapter is the identity: the export's function (up to the kernels chosen:
+        first = next(batches)  # hooks keep torch's fused Transformer fast path out of the user encoder)
+        torch.testing.assert_close(model.eval()(first), TransRec.from_pretrained(export).eval()(first))
+    model.train()
+    optimizer = torch.optim.AdamW(model.param_groups(lr=1e-2, encoder_lr=1e-2, weight_decay=0.01))
+    for batch in [first, next(batches)]:
+        model(batch).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    del batches, loader
+    gc.collect()  # one live StreamingDataset per directory per process
+
+    changed = {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
+    assert changed == trainable(model)  # every adapter weight moved, nothing else did
+
+    model.save_pretrained(export.parent / "adapted", dtype=torch.float32, towers_apart=True)
+    reloaded = TransRec.from_pretrained(export.parent / "adapted").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(first), model.eval()(first), atol=0, rtol=0)

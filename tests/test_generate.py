@@ -1,0 +1,51 @@
+"""The synthetic generator at scale: MicroLens' shape, parts written in parallel, one data set whatever the workers."""
+from __future__ import annotations
+
+import gc
+import json
+
+import numpy as np
+
+from transrec.config import DataConfig
+from transrec.dataloading.loader import TrainLoader, _ShardedSequences
+from transrec.dataloading.synthetic import MICROLENS, UserModel, make_catalogue, make_world, prepare_synthetic
+
+
+def test_microlens_shape():
+    world = make_world(16)
+    catalogue = make_catalogue(world, 5000, np.random.default_rng(0))
+    model = UserModel(world, catalogue.topic, catalogue.weight, seed=0, **MICROLENS)
+    sequences = model.users(0, 20_000)
+    lengths = np.array([len(s) for s in sequences])
+    assert lengths.min() == 5 and 300 < lengths.max() <= 500  # 5 to a few hundred
+    assert abs(lengths.mean() - model.mean_length()) < 1.5 and 25 < model.mean_length() < 33  # MicroLens: ~29
+    assert np.median(lengths) <= 12  # heavy-tailed: most histories are short
+    assert all(len(np.unique(s)) == len(s) for s in sequences)  # no item twice in a history
+    counts = np.sort(np.bincount(np.concatenate(sequences), minlength=5000))[::-1]
+    assert counts[:50].sum() > 0.1 * counts.sum()  # power-law popularity: the top 1% of items get > 10%
+    assert [list(s) for s in model.users(3, 50)] == [list(s) for s in model.users(3, 50)]  # seeded per part
+
+
+def test_parts_written_in_parallel_are_one_data_set(tmp_path):
+    spec = dict(users=250, items=120, seed=4, topics=8, image_size=16, users_per_part=60, **MICROLENS)
+    one = prepare_synthetic(tmp_path / "one", workers=1, **spec)
+    two = prepare_synthetic(tmp_path / "two", workers=2, **spec)
+    assert one["files"] == two["files"]  # byte for byte, whatever the number of processes
+    assert sorted(p.name for p in (tmp_path / "two" / "train").iterdir()) == [
+        "index.json", *(f"part{p:05d}" for p in range(5))]
+
+    data = tmp_path / "two"
+    full, train = list(_ShardedSequences(data / "eval")), list(_ShardedSequences(data / "train"))
+    assert [s["user"] for s in full] == [s["user"] for s in train] == list(range(250))
+    for whole, part in zip(full, train):
+        np.testing.assert_array_equal(part["items"], whole["items"][:-2])
+    assert two["num_interactions"] == sum(len(s["items"]) for s in full)
+    popularity = np.load(data / "items" / "popularity.npy")
+    np.testing.assert_array_equal(popularity, np.bincount(np.concatenate([s["items"] for s in train]), minlength=120))
+    assert json.loads((data / "manifest.json").read_text())["params"]["users_per_part"] == 60
+
+    loader = TrainLoader(DataConfig(loader_workers=0, on_bad_record="stop"), data, batch_size=32, max_seq_len=8,
+                         num_negatives=1, seed=0, rank=0, world_size=1, decoder=None)
+    assert sorted(i for batch in loader for i in batch.sample_ids.tolist()) == list(range(250))
+    loader.close()
+    gc.collect()

@@ -1,0 +1,43 @@
+"""Which weights a run trains (`train.finetune_mode`), and the model built accordingly: by pretraining, by
+fine-tuning from an export (`init_from`), or to load a run's checkpoint."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from transrec.config import Config, ConfigError, ModelConfig
+
+MODES = ("", "full", "top_k", "adapters")
+
+
+def model_config(cfg: Config, num_items: int) -> ModelConfig:
+    """The model section with each tower's trainable blocks set by the mode (an export keeps its num_items)."""
+    mode, blocks = cfg.train.finetune_mode, cfg.train.finetune_blocks
+    if mode not in MODES:
+        raise ConfigError(f"train.finetune_mode must be one of {', '.join(map(repr, MODES))}, got {mode!r}")
+    model = cfg.model if cfg.init_from else replace(cfg.model, num_items=num_items)
+    trainable = {"full": -1, "top_k": blocks, "adapters": blocks}.get(mode)
+    if trainable is None:
+        return model
+    # adapters: the top blocks run with autograd (their adapters need it) though their own weights stay frozen
+    return replace(model, text=replace(model.text, trainable_blocks=trainable),
+                   image=replace(model.image, trainable_blocks=trainable))
+
+
+def build_model(cfg: Config, num_items: int, load_init: bool = True):
+    """The run's model: random or pretrained encoders, or the `init_from` export's weights (unless `load_init`
+    is False, when a checkpoint's weights come next); in adapters mode, with only the adapters trainable."""
+    from transrec.models import TransRec
+
+    model_cfg = model_config(cfg, num_items)
+    if cfg.init_from and model_cfg.item_encoder == "id":
+        raise ValueError(f"{cfg.init_from} is an ID-embedding model: its item table cannot transfer to new items")
+    if cfg.init_from and load_init:
+        model = TransRec.from_pretrained(cfg.init_from, dtype=torch.float32, cfg=model_cfg)
+    else:
+        model = TransRec(model_cfg)
+    if cfg.train.finetune_mode == "adapters":
+        model.requires_grad_(False)
+        model.add_adapters(cfg.train.finetune_blocks, cfg.train.adapter_dim).requires_grad_(True)
+    return model
