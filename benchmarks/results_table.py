@@ -1,4 +1,5 @@
-"""Prints a markdown table of runs' results.json: popularity, then each run's test metrics (best valid NDCG@10)."""
+"""Prints a markdown table of test metrics: popularity first, then each run (the checkpoint with the best valid
+NDCG@10, from RUN/results.json) or evaluation (the JSON that `transrec evaluate` prints, saved to a file)."""
 import json
 import sys
 from pathlib import Path
@@ -6,17 +7,26 @@ from pathlib import Path
 COLUMNS = ["hr@10", "ndcg@10", "hr@20", "ndcg@20"]
 
 
-def main(run_dirs: list[str]) -> None:
+def row(name: str, test: dict, epoch="-", valid="-") -> str:
+    return f"| {name} | " + " | ".join(f"{test[c]:.4f}" for c in COLUMNS) + f" | {epoch} | {valid} |"
+
+
+def main(sources: list[str]) -> None:
     print("| model | " + " | ".join(f"test {c}" for c in COLUMNS) + " | best epoch | valid ndcg@10 |")
     print("|---" * (len(COLUMNS) + 3) + "|")
-    for i, run_dir in enumerate(run_dirs):
-        results = json.loads((Path(run_dir) / "results.json").read_text())
+    for i, source in enumerate(map(Path, sources)):
+        if source.suffix == ".json":  # `transrec evaluate` output
+            results = json.loads(source.read_text())
+            popularity, line = results["test_popularity"], row(source.stem, results["test"])
+        else:
+            results = json.loads((source / "results.json").read_text())
+            best = results["best"]
+            popularity = results["popularity"]["test"]
+            line = row(results["name"], {c: best[f"test/{c}"] for c in COLUMNS}, best["epoch"],
+                       f"{best['valid/ndcg@10']:.4f}")
         if i == 0:
-            pop = results["popularity"]["test"]
-            print("| popularity | " + " | ".join(f"{pop[c]:.4f}" for c in COLUMNS) + " | - | - |")
-        best = results["best"]
-        print(f"| {results['name']} | " + " | ".join(f"{best['test/' + c]:.4f}" for c in COLUMNS)
-              + f" | {best['epoch']} | {best['valid/ndcg@10']:.4f} |")
+            print(row("popularity", popularity))
+        print(line)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -12,12 +13,15 @@ TINY = dict(users=120, items=80, seed=0, image_fraction=0.5, min_len=4, max_len=
 
 
 @pytest.fixture(scope="session", autouse=True)
-def scratch_tmpdir(tmp_path_factory) -> Path:
-    """mosaicml-streaming leaves *_filelock files in tempfile.gettempdir(): keep them in the test's scratch."""
-    path = tmp_path_factory.mktemp("tmpdir")
+def scratch_tmpdir() -> Path:
+    """mosaicml-streaming leaves *_filelock files in tempfile.gettempdir(): keep them in the test's scratch.
+    A short path: Ray puts its sockets under TMPDIR, and a socket path may not exceed 107 bytes (pytest's own
+    /tmp/pytest-of-USER/pytest-NNN/... leaves too little room for Ray's session directory)."""
+    path = Path(tempfile.mkdtemp(prefix="transrec-test-"))
     saved_env, saved_tempdir = os.environ.get("TMPDIR"), tempfile.tempdir
     os.environ["TMPDIR"], tempfile.tempdir = str(path), str(path)
     yield path
+    shutil.rmtree(path, ignore_errors=True)
     tempfile.tempdir = saved_tempdir
     if saved_env is None:
         os.environ.pop("TMPDIR", None)

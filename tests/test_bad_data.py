@@ -15,7 +15,7 @@ from transrec.config import DataConfig
 from transrec.dataloading.batch import IMAGE, TEXT
 from transrec.dataloading.images import ImageDecoder
 from transrec.dataloading.item_store import DatasetFileError, ItemStore
-from transrec.dataloading.loader import TrainLoader, _ShardedSequences
+from transrec.dataloading.loader import EvalLoader, TrainLoader, _ShardedSequences
 from transrec.dataloading.prepare import SEQUENCE_COLUMNS, DataError, _describe_files, prepare_movielens
 
 BATCH = 16
@@ -64,11 +64,11 @@ def set_image(dataset: Path, item: int, jpeg: bytes) -> None:
     sign(dataset)
 
 
-def rewrite_train(dataset: Path, edits: dict[int, list[int]], size_limit: int = 1 << 26) -> None:
-    """Rewrites the train shards with some sequences replaced (sample index -> items)."""
-    samples = list(_ShardedSequences(dataset / "train"))
-    shutil.rmtree(dataset / "train")
-    with MDSWriter(out=str(dataset / "train"), columns=SEQUENCE_COLUMNS, size_limit=size_limit) as writer:
+def rewrite_train(dataset: Path, edits: dict[int, list[int]], size_limit: int = 1 << 26, split: str = "train") -> None:
+    """Rewrites the train (or eval) shards with some sequences replaced (sample index -> items)."""
+    samples = list(_ShardedSequences(dataset / split))
+    shutil.rmtree(dataset / split)
+    with MDSWriter(out=str(dataset / split), columns=SEQUENCE_COLUMNS, size_limit=size_limit) as writer:
         for i, sample in enumerate(samples):
             writer.write({"user": sample["user"], "items": np.array(edits.get(i, sample["items"]), np.int64)})
     sign(dataset)
@@ -170,6 +170,17 @@ def test_unknown_item_or_too_short_user(data, items, kind, problem):
     loader = make_loader(data, "skip", workers=1)
     assert loader.found == {}  # found while training, not before
     assert_skipped_exactly(data, epoch(loader), {5}, loader, kind)
+
+
+@pytest.mark.parametrize("items, problem", [
+    ([7, 8], r"has 2 items; evaluation needs 3"),
+    ([3, 999, 4, 5], r"has item 999, outside the catalogue's 80 items"),
+])
+def test_evaluation_stops_at_a_user_it_cannot_score(data, items, problem):
+    rewrite_train(data, {5: items}, split="eval")
+    loader = EvalLoader(data, "test", batch_size=16, max_seq_len=6, rank=0, world_size=1)
+    with pytest.raises(DataError, match=rf"eval: sample 5 \(user 5\) {problem}"):
+        list(loader)
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate"])

@@ -35,6 +35,7 @@ def test_wrong_type_names_the_key(tmp_path):
         load_config(write(tmp_path, "train: {epochs: many}\n"))
     with pytest.raises(ConfigError, match=r"train\.epochs must be int, got bool"):
         load_config(write(tmp_path, "{}"), ["train.epochs=true"])
+    assert load_config(write(tmp_path, "{}"), ["cluster.use_gpu=true"]).cluster.use_gpu == "true"  # a switch
     with pytest.raises(ConfigError, match=r"model must be a mapping"):
         load_config(write(tmp_path, "model: 3\n"))
 

@@ -65,3 +65,24 @@ def test_bf16_export_is_a_quarter_of_the_checkpoint_and_loads_with_each_library(
         expected = image(images)
         for loaded_image in (by_name.float().eval(), from_dir.float().eval()):
             torch.testing.assert_close(loaded_image(images), expected, atol=0, rtol=0)
+
+
+def test_bf16_training_with_a_batchnorm_image_tower(tmp_path):
+    """bf16 (the GPU default, and an option on CPU) with a ResNet tower: its batch-norm statistics are cast
+    with the weights, the run trains, and the export holds the checkpoint's weights."""
+    from transrec.dataloading.synthetic import prepare_synthetic
+
+    prepare_synthetic(tmp_path / "data", users=48, items=40)
+    resnet = "{layers: [1, 1, 1, 1], channels: [8, 16, 32, 64], stem_width: 8}"
+    sets = ["name=bf16", f"output_dir={tmp_path / 'runs'}", f"data.path={tmp_path / 'data'}", "train.max_steps=2",
+            "train.precision=bf16", "model.image.name=resnet18", f"model.image.kwargs={resnet}"]
+    result = launch(2, CONFIG, sets)
+    assert result.returncode == 0, result.stderr[-5000:]
+    run = tmp_path / "runs" / "bf16"
+    losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines() if '"train"' in line]
+    assert losses and all(torch.isfinite(torch.tensor(losses)))
+    reference, _, _ = load_checkpoint_model(run)
+    model = TransRec.from_pretrained(export(run, tmp_path / "export"), dtype=torch.bfloat16)
+    for name, tensor in reference.state_dict().items():
+        expected = tensor.to(torch.bfloat16) if tensor.is_floating_point() else tensor
+        assert torch.equal(model.state_dict()[name], expected), name

@@ -79,3 +79,6 @@ def test_adapters_mode_trains_only_the_adapters(pretrained):
     reloaded = TransRec.from_pretrained(export.parent / "adapted").eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(first), model.eval()(first), atol=0, rtol=0)
+    # fine-tuning the adapted export again trains its adapters, and adds none
+    again = finetune_model((data, export.parent / "adapted", None), "adapters")
+    assert len(again.adapters) == 3 and trainable(again) == trainable(model)

@@ -49,3 +49,15 @@ def test_parts_written_in_parallel_are_one_data_set(tmp_path):
     assert sorted(i for batch in loader for i in batch.sample_ids.tolist()) == list(range(250))
     loader.close()
     gc.collect()
+
+
+def test_cli_microlens_shape_and_workers(tmp_path):
+    from transrec.launcher.cli import main
+
+    out = tmp_path / "ml"
+    assert main(["prepare", "synthetic", "--out", str(out), "--users", "200", "--items", "150", "--microlens",
+                 "--workers", "2"]) == 0
+    params = json.loads((out / "manifest.json").read_text())["params"]
+    assert {k: params[k] for k in MICROLENS} == MICROLENS
+    lengths = [len(s["items"]) for s in _ShardedSequences(out / "eval")]
+    assert len(lengths) == 200 and min(lengths) >= 5 and max(lengths) > 50  # beyond the default max_len

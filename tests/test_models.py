@@ -289,6 +289,19 @@ def test_left_padding_matches_unpadded_and_no_nan(attention: str):
     assert torch.isfinite(hidden).all()  # padding positions and fully padded rows included
 
 
+def test_temperature_scores_by_cosine_over_temperature():
+    torch.manual_seed(0)
+    model = TransRec(model_config(loss="inbatch", temperature=0.05))
+    seen = {}
+    original = model.loss.forward
+    model.loss.forward = lambda users, items, *rest: seen.update(users=users, items=items) or original(users, items, *rest)
+    model(make_batch(SEQUENCES, T=6)).backward()
+    torch.testing.assert_close(seen["items"].norm(dim=-1), torch.ones(len(seen["items"])))
+    torch.testing.assert_close(seen["users"].norm(dim=-1), torch.full((len(seen["users"]),), 1 / 0.05))
+    vectors = torch.randn(4, 16)
+    assert torch.equal(TransRec(model_config()).scoring(vectors), vectors)  # temperature 0: dot product
+
+
 def test_bf16_forward_and_backward():
     torch.manual_seed(0)
     model = TransRec(model_config()).to(torch.bfloat16)
@@ -298,11 +311,13 @@ def test_bf16_forward_and_backward():
     assert model.item_encoder.image.proj.weight.grad.dtype == torch.bfloat16
 
 
-def test_param_groups_split_encoder_bodies_and_skip_frozen():
-    model = TransRec(model_config())
+def test_param_groups_split_pretrained_bodies_and_skip_frozen():
+    model = TransRec(model_config())  # both towers from random weights: everything at lr
+    assert {g["name"] for g in model.param_groups(lr=1e-3, encoder_lr=1e-4, weight_decay=0.1)} == {"rest", "rest_no_decay"}
+    model.item_encoder.text.pretrained = True  # as if loaded from a pretrained checkpoint
     groups = {g["name"]: g for g in model.param_groups(lr=1e-3, encoder_lr=1e-4, weight_decay=0.1)}
     assert set(groups) == {"encoder", "encoder_no_decay", "rest", "rest_no_decay"}
-    bodies = {id(p) for tower in model.towers() for p in tower.body.parameters()}
+    bodies = {id(p) for p in model.item_encoder.text.body.parameters()}
     for name, group in groups.items():
         assert all(p.requires_grad for p in group["params"])
         assert all((id(p) in bodies) == name.startswith("encoder") for p in group["params"])
@@ -330,6 +345,7 @@ def test_save_and_load_round_trip(tmp_path):
     assert tensors.keys() == model.state_dict().keys()  # no optimizer state, nothing else
 
     loaded = TransRec.from_pretrained(tmp_path / "export").eval()
+    assert all(tower.pretrained for tower in loaded.towers())  # fine-tuning treats them gently (encoder_lr)
     with torch.no_grad():
         exact = dict(atol=0, rtol=0)
         torch.testing.assert_close(loaded.encode_items(batch.items), model.encode_items(batch.items), **exact)

@@ -103,6 +103,27 @@ def test_ties_keep_file_order(tmp_path, ml100k_dataset):
     assert [list(s) for s in sequences(tmp_path / "out", "eval")] == [[3, 2, 0, 1], [0, 1, 2]]
 
 
+def test_domains_a_and_b_share_no_user_and_no_item(tmp_path):
+    items = [f"{i}\tMovie{i}\t199{i}\tDrama" for i in range(1, 9)]
+    # user u watches all 8 items in its own order, so a domain's sequence tells which user it is
+    orders = {u: np.random.default_rng(u).permutation(np.arange(1, 9)) for u in range(1, 7)}
+    rows = [f"{u}\t{item}\t4\t{t}" for u, order in orders.items() for t, item in enumerate(order)]
+    src = write_source(tmp_path / "src", rows, items)
+    seen: dict[str, tuple[set, set]] = {}
+    for domain in ("a", "b"):
+        manifest = prepare_movielens(src, tmp_path / domain, domain=domain)
+        assert manifest["domain"] == domain and manifest["num_items"] == 4 and manifest["num_users"] == 3
+        ids = [item["source_id"] for item in read_items(tmp_path / domain)]
+        users = set()
+        for seq in sequences(tmp_path / domain, "eval"):
+            watched = [ids[i] for i in seq]
+            owner = [u for u, order in orders.items() if [str(i) for i in order if str(i) in ids] == watched]
+            assert len(owner) == 1  # the user's own items of this domain, in the user's own order
+            users.add(owner[0])
+        seen[domain] = users, set(ids)
+    assert not seen["a"][0] & seen["b"][0] and not seen["a"][1] & seen["b"][1]
+
+
 def test_unknown_tokenizer_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="not 'minilm' and not a directory"):
         prepare_movielens(write_source(tmp_path / "src", ["7\t1\t5\t1"]), tmp_path / "out", tokenizer="bert-nope")

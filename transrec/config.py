@@ -68,6 +68,8 @@ class ModelConfig:
     max_seq_len: int = 50  # most recent items of a history the user encoder sees
     loss: str = "bce"  # bce (sampled negatives, TransRec) | inbatch (softmax over the batch's items, MicroLens)
     logq_correction: bool = True  # inbatch: subtract log popularity from candidate logits (sampling-bias correction)
+    # 0 = users and items are compared by dot product; > 0 = by cosine similarity, divided by this in the loss
+    temperature: float = 0.0
     gradient_checkpointing: bool = False  # on the item encoders
     num_items: int = 0  # set from the dataset manifest (size of the ID table)
 
@@ -78,7 +80,7 @@ class TrainConfig:
     max_steps: int = 0  # stop after this many optimizer steps in total; 0 = run all epochs
     batch_size: int = 32  # sequences per rank per step
     lr: float = 1e-3
-    encoder_lr: float = 1e-4  # learning rate of the pretrained item-encoder blocks
+    encoder_lr: float = 1e-4  # learning rate of pretrained item-encoder bodies (random-init ones train at lr)
     weight_decay: float = 0.01
     warmup_steps: int = 10
     grad_clip: float = 1.0
@@ -141,6 +143,8 @@ def _check_type(value: Any, hint: Any, key: str, origin: str) -> Any:
     base = typing.get_origin(hint) or hint
     if base is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if base is str and isinstance(value, bool):  # YAML reads a switch's `true` as a bool (use_gpu: auto|true|false)
+        return str(value).lower()
     ok = isinstance(value, base) and not (base is int and isinstance(value, bool))
     if not ok:
         raise ConfigError(

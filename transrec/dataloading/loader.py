@@ -9,6 +9,8 @@ releases it).
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import gc
 import hashlib
 import json
@@ -35,7 +37,7 @@ from transrec.dataloading.batch import Batch, EvalBatch
 from transrec.dataloading.collate import HELD_OUT, TrainCollator, collate_eval
 from transrec.dataloading.images import ImageDecoder, decode_or_blank
 from transrec.dataloading.item_store import ITEM_MODES, DatasetFileError, ItemStore, read_manifest
-from transrec.dataloading.prepare import MANIFEST, DataError
+from transrec.dataloading.prepare import MANIFEST, MIN_INTERACTIONS, DataError
 
 STREAMED_SPLIT = "train/"  # a remote dataset's train shards stream; every other file is fetched up front
 
@@ -66,6 +68,27 @@ def _use_rank(rank: int, world_size: int) -> None:
     for name, value in (("RANK", rank), ("WORLD_SIZE", world_size)):
         if int(os.environ[name]) != value:
             raise ValueError(f"the environment says {name}={os.environ[name]}, the loader was given {value}")
+
+
+# beside what it guards: streaming's shared memory is the machine's, whatever TMPDIR each job has
+SHM_LOCK = (Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())) / "transrec-streaming.lock"
+
+
+@contextlib.contextmanager
+def shm_registration_turn() -> Iterator[None]:
+    """A StreamingDataset registers itself in shared memory under the first free prefix it finds: two jobs
+    starting together on one machine can pick the same one (FileExistsError: /000012_locals). The local
+    leaders (LOCAL_RANK 0, the ranks that register) of all jobs on the machine take turns; the others
+    follow their leader through streaming's barriers."""
+    if int(os.environ.get("LOCAL_RANK", "0")) != 0:
+        yield
+        return
+    with open(SHM_LOCK, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 class _SequenceShards(StreamingDataset):
@@ -172,9 +195,10 @@ class TrainLoader:
         self.store = ItemStore(self.local_dir, verify=verify, unverified=streamed, tolerate=tolerated)
         remote = f"{str(dataset_dir).rstrip('/')}/train" if is_remote(dataset_dir) else None
         nodes = int(os.environ["WORLD_SIZE"]) // int(os.environ["LOCAL_WORLD_SIZE"])
-        self._stream = _SequenceShards(remote=remote, local=str(self.local_dir / "train"), shuffle=True,
-                                       shuffle_seed=data_cfg.shuffle_seed, batch_size=batch_size,
-                                       num_canonical_nodes=nodes)
+        with shm_registration_turn():
+            self._stream = _SequenceShards(remote=remote, local=str(self.local_dir / "train"), shuffle=True,
+                                           shuffle_seed=data_cfg.shuffle_seed, batch_size=batch_size,
+                                           num_canonical_nodes=nodes)
         self._check_data(scan_sequences=remote is None)
         self._bad = BadRecordLog()
         self.epoch = 0
@@ -337,7 +361,9 @@ class EvalLoader:
         if split not in HELD_OUT:
             raise ValueError(f"split must be one of {list(HELD_OUT)}, got {split!r}")
         self.split, self.batch_size, self.max_seq_len = split, batch_size, max_seq_len
-        self._sequences = _ShardedSequences(local_dataset_dir(dataset_dir, cache_dir) / "eval")
+        local_dir = local_dataset_dir(dataset_dir, cache_dir)
+        self._sequences = _ShardedSequences(local_dir / "eval")
+        self.num_items = read_manifest(local_dir)["num_items"]
         self._mine = np.arange(rank, len(self._sequences), world_size)
         self._rows_per_rank = math.ceil(len(self._sequences) / world_size)  # the most any rank has
 
@@ -347,5 +373,19 @@ class EvalLoader:
     def __iter__(self) -> Iterator[EvalBatch]:
         for start in range(0, self._rows_per_rank, self.batch_size):
             rows = min(self.batch_size, self._rows_per_rank - start)
-            samples = [self._sequences[int(i)] for i in self._mine[start:start + rows]]
+            samples = [self._checked(int(i)) for i in self._mine[start:start + rows]]
             yield collate_eval(samples, self.split, self.max_seq_len, num_rows=rows)
+
+    def _checked(self, index: int) -> dict:
+        """Sample `index`, which must hold a train item, the valid and the test item, all in the catalogue:
+        anything else would silently change every metric, so it stops the evaluation, naming the record."""
+        sample = self._sequences[index]
+        items = np.asarray(sample["items"])
+        where = f"{self._sequences.split_dir}: sample {index} (user {sample['user']})"
+        if len(items) < MIN_INTERACTIONS:
+            raise DataError(f"{where} has {len(items)} items; evaluation needs {MIN_INTERACTIONS} "
+                            "(train, valid, test)")
+        if items.min() < 0 or items.max() >= self.num_items:
+            raise DataError(f"{where} has item {items.max() if items.max() >= self.num_items else items.min()}, "
+                            f"outside the catalogue's {self.num_items} items")
+        return sample

@@ -416,19 +416,44 @@ def _movie_records(movies: list[Movie], modality: np.ndarray, image_size: int) -
         yield ItemRecord(movie.source_id, movie.text, int(modality[index]), jpeg)
 
 
+DOMAINS = ("", "a", "b")
+
+
+def split_domain(movies: list[Movie], sequences: list[np.ndarray], domain: str, seed: int
+                 ) -> tuple[list[Movie], list[np.ndarray]]:
+    """Domain "a" or "b" of two that share no user and no item: a seeded half of the users with their
+    interactions on a seeded half of the items (the other halves are the other domain; interactions across
+    them are in neither). Items are renumbered within the domain."""
+    if domain not in DOMAINS:
+        raise ValueError(f"domain must be a or b (or empty for all), got {domain!r}")
+    if not domain:
+        return movies, sequences
+    rng = np.random.default_rng([seed, 1])
+    wanted = domain == "a"
+    item_in_a = rng.permutation(len(movies)) < len(movies) // 2
+    user_in_a = rng.permutation(len(sequences)) < len(sequences) // 2
+    kept = np.flatnonzero(item_in_a == wanted)
+    renumber = np.full(len(movies), -1, np.int64)
+    renumber[kept] = np.arange(len(kept))
+    return ([movies[i] for i in kept],
+            [renumber[seq[item_in_a[seq] == wanted]] for seq, in_a in zip(sequences, user_in_a) if in_a == wanted])
+
+
 def prepare_movielens(src: str | Path, out: str | Path, image_fraction: float = 0.0, skip_bad_rows: bool = False,
                       max_text_len: int = 32, tokenizer: str = "minilm", overwrite: bool = False,
-                      image_size: int = 96, seed: int = 0) -> dict:
+                      image_size: int = 96, seed: int = 0, domain: str = "") -> dict:
     """MovieLens in RecBole atomic files (`*.inter`, `*.item` in `src`) -> dataset directory `out`.
 
     Item text = "Title (Year) Genre1 Genre2". A seeded share `image_fraction` of the items become image
-    items whose JPEG is a poster rendered from their metadata. Returns the manifest.
+    items whose JPEG is a poster rendered from their metadata. With `domain` "a" or "b", only that one of
+    two domains with disjoint users and items (see split_domain). Returns the manifest.
     """
     src = Path(src)
     inter_path, item_path = _find_one(src, ".inter"), _find_one(src, ".item")
     problems = _RowProblems(skip_bad_rows)
     movies = _read_movies(item_path, problems)
     sequences = _read_sequences(inter_path, {m.source_id: i for i, m in enumerate(movies)}, problems)
+    movies, sequences = split_domain(movies, sequences, domain, seed)
     modality = choose_modalities(len(movies), image_fraction, seed)
     with DatasetWriter(out, tokenizer, max_text_len, overwrite) as writer:
         writer.write_items(_movie_records(movies, modality, image_size), len(movies))
@@ -438,4 +463,5 @@ def prepare_movielens(src: str | Path, out: str | Path, image_fraction: float = 
             name=inter_path.stem, source="movielens", synthetic_images=bool((modality == IMAGE).any()),
             image_fraction=image_fraction, skipped=dict(problems.counts),
             sources={p.name: sha256_file(p) for p in (inter_path, item_path)}, image_size=image_size, seed=seed,
+            domain=domain or "all",
         )

@@ -34,11 +34,20 @@ def build_parser() -> argparse.ArgumentParser:
     movielens.add_argument("--image-fraction", type=float, default=0.0,
                            help="share of items shown as a SYNTHETIC poster image instead of text")
     movielens.add_argument("--skip-bad-rows", action="store_true", help="count and skip malformed rows")
+    movielens.add_argument("--domain", choices=["a", "b"], default="",
+                           help="one of two halves with disjoint users and items (transfer: pretrain on a, tune on b)")
     synthetic = sources.add_parser("synthetic", help="a generated mixture-of-modalities data set")
     synthetic.add_argument("--users", type=int, default=2000)
     synthetic.add_argument("--items", type=int, default=1000)
     synthetic.add_argument("--seed", type=int, default=0, help="seeds of one world share topics, not items")
     synthetic.add_argument("--image-fraction", type=float, default=0.5)
+    synthetic.add_argument("--min-len", type=int, default=5, help="shortest history")
+    synthetic.add_argument("--max-len", type=int, default=50, help="longest history")
+    synthetic.add_argument("--length-exponent", type=float, default=0.0,
+                           help="p(length) ~ length^-exponent (0: uniform; MicroLens' shape: --microlens)")
+    synthetic.add_argument("--microlens", action="store_true",
+                           help="MicroLens' history lengths: 5..500, exponent 1.8 (overrides the three above)")
+    synthetic.add_argument("--workers", type=int, default=1, help="processes writing parts in parallel")
     for sub in (movielens, synthetic):
         sub.add_argument("--out", required=True, type=Path)
         sub.add_argument("--overwrite", action="store_true")
@@ -81,14 +90,16 @@ def run_training(cfg, resume: bool) -> dict:
 
 def command_prepare(args) -> None:
     from transrec.dataloading.prepare import prepare_movielens
-    from transrec.dataloading.synthetic import prepare_synthetic
+    from transrec.dataloading.synthetic import MICROLENS, prepare_synthetic
 
     if args.source == "movielens":
         manifest = prepare_movielens(args.src, args.out, image_fraction=args.image_fraction,
-                                     skip_bad_rows=args.skip_bad_rows, overwrite=args.overwrite)
+                                     skip_bad_rows=args.skip_bad_rows, overwrite=args.overwrite, domain=args.domain)
     else:
+        lengths = {"min_len": args.min_len, "max_len": args.max_len, "length_exponent": args.length_exponent}
         manifest = prepare_synthetic(args.out, users=args.users, items=args.items, seed=args.seed,
-                                     image_fraction=args.image_fraction, overwrite=args.overwrite)
+                                     image_fraction=args.image_fraction, overwrite=args.overwrite,
+                                     workers=args.workers, **(MICROLENS if args.microlens else lengths))
     summary = {k: manifest[k] for k in ("num_users", "num_items", "num_interactions", "modality_counts", "skipped")}
     print(f"wrote {args.out}: {json.dumps(summary)}")
 

@@ -35,6 +35,7 @@ class ImageItemEncoder(nn.Module):
     def __init__(self, cfg: ImageEncoderConfig, dim: int):
         super().__init__()
         self.body = timm.create_model(cfg.name, pretrained=False, num_classes=0, **cfg.kwargs)
+        self.pretrained = bool(cfg.weights)  # pretrained weights train at encoder_lr, random ones at lr
         if cfg.weights:
             # A checkpoint's classifier has no place in a num_classes=0 backbone (unexpected keys are fine);
             # a missing key means the weights are for another architecture.

@@ -30,6 +30,7 @@ class TextItemEncoder(nn.Module):
             raise ValueError(f"model.text.pooling must be mean or cls, got {cfg.pooling!r}")
         self.pooling = cfg.pooling
         self.body = _load_body(cfg)
+        self.pretrained = bool(cfg.pretrained)  # pretrained weights train at encoder_lr, random ones at lr
         self.proj = nn.Linear(self.body.config.hidden_size, dim)
         layers = self.body.encoder.layer
         # The embeddings and the layers below `first_trainable` are frozen: a fixed function of the tokens.

@@ -49,6 +49,14 @@ def _adapt_output(adapter: Adapter):
     return hook
 
 
+def read_export_config(directory: str | Path) -> tuple[ModelConfig, dict | None]:
+    """(model config, adapter settings or None) of a save_pretrained export."""
+    config_path = Path(directory) / "config.json"
+    saved = json.loads(config_path.read_text())
+    adapters = saved.pop("adapters", None)
+    return from_dict(ModelConfig, saved, str(config_path)), adapters
+
+
 class TransRec(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -73,6 +81,11 @@ class TransRec(nn.Module):
         """Left-padded histories [B, T, dim] -> user vectors [B, dim], the state at the newest item."""
         return self.user_encoder(item_vectors, mask)[:, -1]
 
+    def scoring(self, vectors: torch.Tensor) -> torch.Tensor:
+        """User or item vectors as they are compared (dot product): unit length when model.temperature > 0.
+        Only scores see them; the user encoder reads the item vectors as encoded."""
+        return nn.functional.normalize(vectors, dim=-1) if self.cfg.temperature > 0 else vectors
+
     def forward(self, batch: Batch) -> torch.Tensor:
         """The training loss of a batch: each distinct item is encoded once, then gathered into place."""
         vectors = self.encode_items(batch.items)
@@ -88,9 +101,12 @@ class TransRec(nn.Module):
         seen = torch.zeros(B, vectors.size(0), dtype=torch.bool, device=vectors.device)
         seen[user[batch.history_mask], batch.history[batch.history_mask]] = True
         seen[user[batch.target_mask], batch.targets[batch.target_mask]] = True
+        users = self.scoring(hidden[predicting])
+        if self.cfg.temperature > 0:
+            users = users / self.cfg.temperature
         return self.loss(
-            hidden[predicting],
-            vectors,
+            users,
+            self.scoring(vectors),
             batch.targets[predicting],
             batch.negatives[predicting],
             batch.items.ids,
@@ -98,11 +114,12 @@ class TransRec(nn.Module):
         )
 
     def param_groups(self, lr: float, encoder_lr: float, weight_decay: float) -> list[dict]:
-        """Optimizer groups of the trainable parameters: tower bodies at encoder_lr, the rest at lr.
+        """Optimizer groups of the trainable parameters: pretrained tower bodies at encoder_lr (gently, not to
+        erase what they know), the rest, randomly initialized towers included, at lr.
 
         Matrices and embeddings decay; biases and norm weights do not. Empty groups are left out.
         """
-        encoder = {id(p) for tower in self.towers() for p in tower.body.parameters()}
+        encoder = {id(p) for tower in self.towers() if tower.pretrained for p in tower.body.parameters()}
         groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
         for p in self.parameters():
             if p.requires_grad:
@@ -179,10 +196,8 @@ class TransRec(nn.Module):
         """Rebuilds a save_pretrained export (towers apart or not); safetensors only, nothing is unpickled.
         `cfg` replaces the saved config where it describes the same weights (e.g. other trainable blocks)."""
         directory = Path(directory)
-        config_path = directory / "config.json"
-        saved = json.loads(config_path.read_text())
-        adapters = saved.pop("adapters", None)
-        model = cls(cfg or from_dict(ModelConfig, saved, str(config_path)))
+        saved, adapters = read_export_config(directory)
+        model = cls(cfg or saved)
         if adapters:
             model.add_adapters(**adapters)
         state = safetensors.torch.load_file(str(directory / "model.safetensors"))
@@ -191,4 +206,6 @@ class TransRec(nn.Module):
                 body = safetensors.torch.load_file(str(directory / subdir / "model.safetensors"))
                 state.update({prefix + name: t for name, t in body.items()})
         model.load_state_dict(state, strict=True)
+        for tower in model.towers():
+            tower.pretrained = True  # whatever they started from, their weights are trained ones now
         return model if dtype is None else model.to(dtype)

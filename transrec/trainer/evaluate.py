@@ -79,11 +79,12 @@ def target_ranks(user_vecs: torch.Tensor, item_vecs: torch.Tensor, batch: EvalBa
 def evaluate_split(model, item_vecs: torch.Tensor, loader, ks: list[int], device: torch.device) -> dict[str, float]:
     """HR@K and NDCG@K (means over all users of every rank) of `model` on one eval split."""
     sums: dict[str, float] = {}
+    candidates = model.scoring(item_vecs)
     for batch in loader:
         batch = batch.to(device)
         history = item_vecs[batch.history].to(next(model.parameters()).dtype)
-        user_vecs = model.encode_users(history, batch.history_mask).float()
-        add_sums(sums, metric_sums(target_ranks(user_vecs, item_vecs, batch), ks, batch.valid))
+        user_vecs = model.scoring(model.encode_users(history, batch.history_mask).float())
+        add_sums(sums, metric_sums(target_ranks(user_vecs, candidates, batch), ks, batch.valid))
     return means(all_reduce_sums(sums))
 
 

@@ -39,5 +39,8 @@ def build_model(cfg: Config, num_items: int, load_init: bool = True):
         model = TransRec(model_cfg)
     if cfg.train.finetune_mode == "adapters":
         model.requires_grad_(False)
-        model.add_adapters(cfg.train.finetune_blocks, cfg.train.adapter_dim).requires_grad_(True)
+        # an export that has adapters already (a model adapted before) goes on training those
+        adapters = model.adapters if model.adapter_settings else model.add_adapters(cfg.train.finetune_blocks,
+                                                                                    cfg.train.adapter_dim)
+        adapters.requires_grad_(True)
     return model

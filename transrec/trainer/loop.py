@@ -18,6 +18,7 @@ from transrec.trainer import checkpoint
 from transrec.trainer.audit import SampleAudit
 from transrec.trainer.evaluate import evaluate_popularity, evaluate_split, encode_catalogue, rank_and_world
 from transrec.trainer.finetune import build_model
+from transrec.trainer.mfu import StepTimer, matmul_peak
 from transrec.trainer.runlog import RunLog
 
 
@@ -87,6 +88,10 @@ def train(cfg: Config) -> dict:
 
     num_items = read_manifest(cfg.data.path)["num_items"]
     model = build_model(cfg, num_items)
+    dtype = torch.bfloat16 if use_bf16(cfg.train.precision) else torch.float32
+    # Buffers too (batch-norm statistics): DeepSpeed casts only the parameters, and a bf16 batch norm with
+    # fp32 statistics fails. The optimizer keeps fp32 master weights either way.
+    model.to(dtype)
     mode = model.cfg.item_encoder
     decoder = ImageDecoder(cfg.data.image_size, cfg.data.image_decoder)
     loader = TrainLoader(cfg.data, cfg.data.path, batch_size=cfg.train.batch_size,
@@ -107,7 +112,6 @@ def train(cfg: Config) -> dict:
     resume_seconds = time.perf_counter() - started
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
                                            config=deepspeed_config(cfg, resume is not None and resume.universal))
-    dtype = torch.bfloat16 if use_bf16(cfg.train.precision) else torch.float32
 
     torch.manual_seed(cfg.train.seed + rank)  # dropout differs per rank; a resume restores it instead
     state = {"step": 0, "epoch": 0, "best": None, "history": []}
@@ -117,9 +121,11 @@ def train(cfg: Config) -> dict:
         loader.load_state_dict(state.pop("loader"))
         resume_seconds += time.perf_counter() - started
 
+    peak_flops = matmul_peak(dtype, device)  # this rank's threads (or GPU), in the precision it trains in
     audit = SampleAudit(run_dir, rank, cfg.train.log_sample_ids)  # which samples this rank trains on
     audit.start(state["step"], state["epoch"])
     log = RunLog(run_dir, enabled=rank == 0, total=total_steps, initial=state["step"])
+    log.write({"kind": "machine", "matmul_peak_tflops": peak_flops / 1e12, "dtype": str(dtype), "world_size": world})
     if resume is not None:
         log.write({"kind": "resume", "step": state["step"], "tag": resume.tag, "from_world_size": resume.saved_world,
                    "seconds": resume_seconds})
@@ -137,13 +143,14 @@ def train(cfg: Config) -> dict:
 
     while state["step"] < total_steps and state["epoch"] < cfg.train.epochs:
         loader.set_epoch(state["epoch"])
-        window = Throughput()
+        window = StepTimer(world, peak_flops)
         for batch in checkpoint.rng_isolated(loader):
             batch = batch.to(device)
             if batch.items.images is not None:
                 batch.items.images = batch.items.images.to(dtype)
-            loss = engine(batch)
-            engine.backward(loss)
+            with window.counting():
+                loss = engine(batch)
+                engine.backward(loss)
             engine.step()
             state["step"] += 1
             audit.batch(state["step"], state["epoch"], batch.sample_ids.tolist())
@@ -152,7 +159,7 @@ def train(cfg: Config) -> dict:
             if state["step"] % cfg.train.log_every == 0:
                 log.write({"kind": "train", "step": state["step"], "epoch": state["epoch"], "loss": loss.item(),
                            "lr": schedule.get_last_lr()[-1], **window.rates()})
-                window = Throughput()
+                window = StepTimer(world, peak_flops)
             if cfg.train.checkpoint_every and state["step"] % cfg.train.checkpoint_every == 0:
                 save_checkpoint()
             if state["step"] >= total_steps:
@@ -178,21 +185,6 @@ def train(cfg: Config) -> dict:
         (run_dir / "results.json").write_text(json.dumps(summary, indent=2))
     log.close()
     return summary
-
-
-class Throughput:
-    """Sequences and distinct items per second since the window opened."""
-
-    def __init__(self):
-        self.start, self.sequences, self.items = time.perf_counter(), 0, 0
-
-    def add(self, sequences: int, items: int) -> None:
-        self.sequences += sequences
-        self.items += items
-
-    def rates(self) -> dict[str, float]:
-        elapsed = time.perf_counter() - self.start
-        return {"sequences_per_s": self.sequences / elapsed, "items_encoded_per_s": self.items / elapsed}
 
 
 def flatten(per_split: dict[str, dict[str, float]]) -> dict[str, float]:

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import yaml
 
-from transrec.config import Config, ConfigError, ModelConfig, from_dict, load_config
+from transrec.config import Config, ConfigError, load_config
+from transrec.models.transrec import read_export_config
 from transrec.trainer.checkpoint import latest_tag
 
 
@@ -24,7 +25,7 @@ def resolve(cfg: Config) -> Config:
         exported = Path(cfg.init_from) / "config.json"
         if not exported.exists():
             raise ConfigError(f"init_from: {exported} not found; expected a directory written by `transrec export`")
-        cfg = replace(cfg, model=from_dict(ModelConfig, json.loads(exported.read_text()), str(exported)))
+        cfg = replace(cfg, model=read_export_config(cfg.init_from)[0])
     if cfg.model.text.cache_frozen and cfg.train.zero_stage == 3:
         # ZeRO-3 gathers parameters collectively: every rank must run the frozen layers on every step
         raise ConfigError("model.text.cache_frozen works with train.zero_stage 1 or 2, not 3")
