@@ -12,6 +12,13 @@ ML100K = (Path(__file__).parents[1] / "../shared/data/ml-100k").resolve()
 TINY = dict(users=120, items=80, seed=0, image_fraction=0.5, min_len=4, max_len=12, topics=8, image_size=32)
 
 
+def flip_last_byte(path: Path) -> None:
+    """Damages a file without changing its size: only a checksum can tell."""
+    payload = bytearray(path.read_bytes())
+    payload[-1] ^= 0xFF
+    path.write_bytes(bytes(payload))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def scratch_tmpdir() -> Path:
     """mosaicml-streaming leaves *_filelock files in tempfile.gettempdir(): keep them in the test's scratch.

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from streaming import MDSWriter
 
+from conftest import flip_last_byte
 from test_prepare import ITEMS, write_source
 from transrec.config import DataConfig
 from transrec.dataloading.batch import IMAGE, TEXT
@@ -189,9 +190,10 @@ def test_shard_with_another_checksum(data, damage):
     index = json.loads((data / "train" / "index.json").read_text())["shards"]
     assert len(index) >= 3
     shard = data / "train" / index[1]["raw_data"]["basename"]
-    payload = bytearray(shard.read_bytes())
-    payload = payload[:-7] if damage == "truncate" else payload[:-1] + bytes([payload[-1] ^ 0xFF])
-    shard.write_bytes(bytes(payload))
+    if damage == "truncate":
+        shard.write_bytes(shard.read_bytes()[:-7])
+    else:
+        flip_last_byte(shard)
     with pytest.raises(DatasetFileError, match=rf"{shard.name}: (sha256 differs|\d+ bytes)"):
         make_loader(data, "stop")
     loader = make_loader(data, "skip")
@@ -201,10 +203,7 @@ def test_shard_with_another_checksum(data, damage):
 
 
 def test_what_cannot_be_skipped_stops_with_either_policy(data):
-    tokens = data / "items" / "tokens.npy"
-    payload = bytearray(tokens.read_bytes())
-    payload[-1] ^= 0xFF
-    tokens.write_bytes(bytes(payload))
+    flip_last_byte(data / "items" / "tokens.npy")
     with pytest.raises(DatasetFileError, match=r"tokens\.npy: sha256 differs"):
         make_loader(data, "skip")
     with pytest.raises(ValueError, match=r"data.on_bad_record must be one of \('skip', 'stop'\), got 'ignore'"):

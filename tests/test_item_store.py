@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import flip_last_byte
 from transrec.dataloading.batch import IMAGE, TEXT
 from transrec.dataloading.images import ImageDecoder
 from transrec.dataloading.item_store import DatasetFileError, ItemStore
@@ -83,10 +84,7 @@ def test_modes_route_every_row_to_one_encoder(tiny_dataset):
 
 
 def test_corrupted_file_is_named(dataset_copy):
-    tokens = dataset_copy / "items" / "tokens.npy"
-    data = bytearray(tokens.read_bytes())
-    data[-1] ^= 0xFF
-    tokens.write_bytes(bytes(data))
+    flip_last_byte(dataset_copy / "items" / "tokens.npy")
     with pytest.raises(DatasetFileError, match=r"tokens\.npy: sha256 differs"):
         ItemStore(dataset_copy)
     ItemStore(dataset_copy, verify="size")  # same size: only the full check sees it
