@@ -2,7 +2,7 @@
 and how much the batch-level item dedup saves.
 
     python benchmarks/data_loader.py throughput --config configs/movielens.yaml --run runs/ml-100k-mom
-    python benchmarks/data_loader.py rss data/bench-gen/syn-1e06 data/bench-gen/syn-1e07
+    python benchmarks/data_loader.py rss data/bench-gen/syn-1e06 data/bench-gen/syn-1e07 [--max-sequences N]
     python benchmarks/data_loader.py decode --data data/ml-100k-mom
     python benchmarks/data_loader.py dedup --config configs/movielens.yaml data/ml-100k-mom data/bench-gen/syn-1e06
 
@@ -82,7 +82,8 @@ def throughput(args) -> None:
 
 
 def read_epoch(args) -> None:
-    """(In a child process) one epoch of `args.data`, no image decoding; prints peak RSS and timings."""
+    """(In a child process) one epoch of `args.data` (or its first `max_sequences`), no image decoding; prints
+    peak RSS and timings."""
     cfg = load_config(args.config)
     start = time.perf_counter()
     loader = make_loader(cfg, args.data, workers=1, decoder=None, policy=args.policy)
@@ -90,11 +91,15 @@ def read_epoch(args) -> None:
     sequences = 0
     for batch in loader:
         sequences += len(batch.users)
+        if args.max_sequences and sequences >= args.max_sequences:
+            break
     seconds = time.perf_counter() - start - opened
+    whole_epoch = loader.epoch_finished
     loader.close()
     manifest = json.loads((Path(args.data) / "manifest.json").read_text())
     print_json({"data": args.data, "interactions": manifest["num_interactions"], "policy": args.policy,
-                "open_s": round(opened, 2), "epoch_s": round(seconds, 1), "sequences": sequences,
+                "open_s": round(opened, 2), "read_s": round(seconds, 1), "sequences": sequences,
+                "whole_epoch": whole_epoch,
                 "sequences_per_s": round(sequences / seconds),
                 "peak_rss_mib": {"main": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                                  "loader_worker": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}})
@@ -103,7 +108,8 @@ def read_epoch(args) -> None:
 def rss(args) -> None:
     for data in args.data:
         for policy in args.policies:
-            command = [sys.executable, __file__, "read-epoch", data, "--config", args.config, "--policy", policy]
+            command = [sys.executable, __file__, "read-epoch", data, "--config", args.config, "--policy", policy,
+                       "--max-sequences", str(args.max_sequences)]
             print(subprocess.run(command, check=True, capture_output=True, text=True).stdout.strip(), flush=True)
 
 
@@ -166,11 +172,13 @@ def main() -> None:
     p.add_argument("data", nargs="+")
     p.add_argument("--config", default="configs/movielens.yaml")
     p.add_argument("--policies", nargs="+", default=["skip", "stop"])
+    p.add_argument("--max-sequences", type=int, default=0, help="stop each read after this many (0: the epoch)")
     p.set_defaults(func=rss)
     p = commands.add_parser("read-epoch")
     p.add_argument("data")
     p.add_argument("--config", default="configs/movielens.yaml")
     p.add_argument("--policy", default="skip")
+    p.add_argument("--max-sequences", type=int, default=0)
     p.set_defaults(func=read_epoch)
     p = commands.add_parser("decode")
     p.add_argument("--data", default="data/ml-100k-mom")

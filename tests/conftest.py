@@ -1,9 +1,11 @@
 """Shared fixtures: a scratch TMPDIR, a clean environment per test, tiny prepared data sets."""
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -43,6 +45,47 @@ def restore_environment():
     yield
     os.environ.clear()
     os.environ.update(saved)
+
+
+@contextlib.contextmanager
+def moto_s3(bucket: str = "transrec"):
+    """An S3 endpoint on loopback (moto's server) with one bucket, found the way S3 clients find any endpoint:
+    S3_ENDPOINT_URL (mosaicml-streaming's boto3) and AWS_ENDPOINT_URL (pyarrow.fs), set in os.environ with test
+    credentials until the block ends (processes started meanwhile, Ray's included, inherit them). Yields a
+    boto3 client."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    from transrec.cluster.embedded import free_port
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST"))  # moto's state
+    # is per process, not per server: start empty
+    settings = {"S3_ENDPOINT_URL": endpoint, "AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "test",
+                "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
+    saved = {name: os.environ.get(name) for name in settings}
+    os.environ.update(settings)
+    try:
+        client = boto3.client("s3", endpoint_url=endpoint)
+        client.create_bucket(Bucket=bucket)
+        yield client
+    finally:
+        server.stop()
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+@pytest.fixture
+def s3_bucket():
+    """(boto3 client, bucket name) of a moto S3 endpoint for one test."""
+    with moto_s3("transrec") as client:
+        yield client, "transrec"
 
 
 @pytest.fixture(scope="session")

@@ -156,11 +156,11 @@ def test_placement_from_yaml_reaches_ray_train(monkeypatch, tmp_path):
 
 def test_storage_check_names_the_worker_that_cannot_write(tmp_path):
     """Each worker checks the run's storage from its own node when it starts (launch._worker_main)."""
-    from transrec.cluster.scaling import check_storage
+    from transrec.trainer.checkpoint_store import CheckpointStore
 
-    check_storage(tmp_path / "run", "worker rank 1")
+    CheckpointStore(tmp_path / "run" / "checkpoints").check_writable("worker rank 1")
     assert (tmp_path / "run" / "checkpoints").is_dir() and not list((tmp_path / "run" / "checkpoints").iterdir())
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")  # root may write anywhere: a file in the path stops even root
     with pytest.raises(ConfigError, match=rf"{blocker}/run/checkpoints is not writable from worker rank 1"):
-        check_storage(blocker / "run", "worker rank 1")
+        CheckpointStore(blocker / "run" / "checkpoints").check_writable("worker rank 1")

@@ -63,6 +63,7 @@ def test_pretrain_checkpoint_export_reload_finetune(tmp_path, ray_cluster, capsy
                  "--set", f"data.path={target}", *common]) == 0
     fine = json.loads((runs / "fine" / "results.json").read_text())
     assert fine["steps"] == 2  # one epoch: 32 users in batches of 8 on each of 2 ranks
+    assert fine["epochs"] == 1 and fine["history"][-1]["epoch"] == 1  # the last step ended the epoch
     assert fine["best"]["test/ndcg@10"] > 0.0
 
 

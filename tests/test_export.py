@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModel
 
 from transrec.models import TransRec
-from transrec.trainer.checkpoint import saved_bytes
+from transrec.trainer.checkpoint_store import CheckpointStore
 from transrec.trainer.export import export, load_checkpoint_model
 from transrec.trainer.torchrun_entry import launch
 
@@ -36,7 +36,7 @@ def test_bf16_export_is_a_quarter_of_the_checkpoint_and_loads_with_each_library(
 
     manifest = json.loads((out / "manifest.json").read_text())
     checkpoint_dir = run / "checkpoints" / manifest["tag"]
-    assert manifest["checkpoint_bytes"] == saved_bytes(checkpoint_dir) == files_bytes(checkpoint_dir, "*.pt")
+    assert manifest["checkpoint_bytes"] == CheckpointStore(checkpoint_dir.parent).saved_bytes(manifest["tag"]) == files_bytes(checkpoint_dir, "*.pt")
     assert manifest["bytes"] == files_bytes(out) - (out / "manifest.json").stat().st_size
     assert files_bytes(out) * 4 <= files_bytes(checkpoint_dir), (files_bytes(out), files_bytes(checkpoint_dir))
     assert not [p for p in out.rglob("*") if p.suffix in (".pt", ".bin", ".pkl", ".pth")]  # nothing pickled

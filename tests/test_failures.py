@@ -14,6 +14,7 @@ from transrec.cluster import embedded, jobs
 from transrec.launcher.cli import main
 from transrec.trainer.audit import read_audit
 from transrec.trainer.checkpoint import consolidated_state_dict
+from transrec.trainer.checkpoint_store import CheckpointStore
 
 CONFIG = str(Path(__file__).parents[1] / "configs" / "tiny.yaml")
 USERS = 48  # one train sequence each: 3 steps per epoch at 8 sequences x 2 ranks
@@ -104,8 +105,8 @@ def test_killed_worker_restarts_resumes_and_matches_an_uninterrupted_run(cluster
         assert sorted(counts) == list(range(USERS)) and set(counts.values()) == {1}, (epoch, counts)
 
     # the final weights equal the uninterrupted run's, bit for bit (every RNG and the loader position resume)
-    a = consolidated_state_dict(tmp_path / "killed" / "checkpoints")
-    b = consolidated_state_dict(tmp_path / "whole" / "checkpoints")
+    a = consolidated_state_dict(CheckpointStore(tmp_path / "killed" / "checkpoints"))
+    b = consolidated_state_dict(CheckpointStore(tmp_path / "whole" / "checkpoints"))
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name

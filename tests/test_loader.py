@@ -3,7 +3,6 @@ from __future__ import annotations
 import gc
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from transrec.cluster.embedded import free_port
 from transrec.config import DataConfig
 from transrec.dataloading.images import ImageDecodeError, ImageDecoder
 from transrec.dataloading.loader import EvalLoader, TrainLoader, _ShardedSequences
@@ -136,6 +136,7 @@ def test_decode_errors_reach_the_trainer(tiny_dataset):
 
 RANK_SCRIPT = """
 import json, sys
+from transrec.cluster.embedded import free_port
 from transrec.config import DataConfig
 from transrec.dataloading.loader import TrainLoader
 rank = int(sys.argv[2])
@@ -143,12 +144,6 @@ loader = TrainLoader(DataConfig(loader_workers=1), sys.argv[1], batch_size=16, m
                      seed=0, rank=rank, world_size=2, decoder=None)
 print(json.dumps({"len": len(loader), "batches": [b.sample_ids.tolist() for b in loader]}))
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_ranks_read_disjoint_parts_covering_all(tiny_dataset):
@@ -200,25 +195,6 @@ def test_eval_pads_ranks_with_fewer_users(tiny_dataset):
     assert sum(int(b[0].valid.sum()) for b in batches) == 120
     assert batches[-1][0].valid.tolist() == [True] * 17 + [False]
     assert torch.all(batches[-1][0].history_mask.any(1))  # no all-masked row, padding included
-
-
-@pytest.fixture
-def s3_bucket(monkeypatch):
-    """An S3 endpoint on loopback (moto's server), reached the way streaming reaches any S3: boto3 with
-    S3_ENDPOINT_URL. Yields (boto3 client, bucket name)."""
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    for name, value in (("S3_ENDPOINT_URL", f"http://127.0.0.1:{port}"), ("AWS_ACCESS_KEY_ID", "test"),
-                        ("AWS_SECRET_ACCESS_KEY", "test"), ("AWS_DEFAULT_REGION", "us-east-1")):
-        monkeypatch.setenv(name, value)
-    client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}")
-    client.create_bucket(Bucket="transrec")
-    yield client, "transrec"
-    server.stop()
 
 
 def test_train_and_eval_stream_from_s3_like_the_local_copy(tiny_dataset, s3_bucket, tmp_path):

@@ -183,12 +183,16 @@ def test_all_trainable_text_tower_trains_its_embeddings():
     assert model.item_encoder.text.body.embeddings.word_embeddings.weight.grad.any()
 
 
-def test_cached_frozen_layers_give_identical_loss_and_grads_and_compute_each_item_once():
+@pytest.mark.parametrize("tower", ["text", "image"])
+def test_cached_frozen_layers_give_identical_loss_and_grads_and_compute_each_item_once(tower):
+    image = ImageEncoderConfig(name="resnet18", kwargs=dict(TINY_RESNET), trainable_blocks=2)
+
     def run(cache: bool):
         torch.manual_seed(0)
-        cfg = model_config()
-        model = TransRec(dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, cache_frozen=cache)))
-        frozen_rows = count_calls(model.item_encoder.text.body.encoder.layer[0])
+        cfg = model_config(image=image)
+        model = TransRec(dataclasses.replace(cfg, **{tower: dataclasses.replace(getattr(cfg, tower), cache_frozen=cache)}))
+        encoder = getattr(model.item_encoder, tower)
+        frozen_rows = count_calls(encoder.body.encoder.layer[0] if tower == "text" else encoder.body.layer1)
         losses, grads = [], []
         for step in range(2):  # the second step finds every item of the first in the cache
             model.zero_grad()
@@ -203,15 +207,23 @@ def test_cached_frozen_layers_give_identical_loss_and_grads_and_compute_each_ite
     assert all(torch.equal(a, b) for a, b in zip(plain_losses, cached_losses))
     for step_a, step_b in zip(plain_grads, cached_grads):
         assert all(torch.equal(a, b) for a, b in zip(step_a, step_b))
-    text_items = len({i for seq in SEQUENCES for i in seq if i % 2 == 0})
-    assert sum(plain_rows) > sum(cached_rows) >= text_items  # new negatives may add items on step 2
+    tower_items = len({i for seq in SEQUENCES for i in seq if i % 2 == (tower == "image")})
+    assert sum(plain_rows) > sum(cached_rows) >= tower_items  # new negatives may add items on step 2
+
+
+def test_image_cache_refuses_a_backbone_that_does_not_run_its_children_in_order():
+    vit = ImageEncoderConfig(name="vit_tiny_patch16_224", kwargs=dict(TINY_VIT), trainable_blocks=1, cache_frozen=True)
+    with pytest.raises(ValueError, match="vit_tiny_patch16_224.*does not run as its stem, blocks and head in order"):
+        ImageItemEncoder(vit, dim=16)
 
 
 def test_resnet_blocks_are_stages_and_frozen_batchnorms_keep_statistics():
     cfg = ImageEncoderConfig(name="resnet18", kwargs=dict(TINY_RESNET), trainable_blocks=2)
     tower = ImageItemEncoder(cfg, dim=16).train()
-    blocks, head = split_blocks(tower.body)
+    stem, blocks, head = split_blocks(tower.body)
+    assert stem == [tower.body.conv1, tower.body.bn1, tower.body.act1, tower.body.maxpool]
     assert blocks == [tower.body.layer1, tower.body.layer2, tower.body.layer3, tower.body.layer4]
+    assert head == [tower.body.global_pool, tower.body.fc]
     trainable = {n.split(".")[0] for n, p in tower.body.named_parameters() if p.requires_grad}
     assert trainable == {"layer3", "layer4"}
     assert not tower.body.bn1.training and not tower.body.layer2[0].bn1.training

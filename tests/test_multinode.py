@@ -1,9 +1,14 @@
 """Two Ray nodes on this machine (a head and a node joined with `ray start --address`, each with its own temp
-dir, ports and 1 CPU): workers spread over both, a checkpoint with every rank's shard, a resume from it."""
+dir, ports and 1 CPU): workers spread over both, checkpoints in object storage (S3, served by moto on
+loopback) with every rank's shard, a resume from it. Each rank stages its files in a private temp directory,
+so the bucket is the only place where the ranks' files meet: no shared file system is needed."""
+import io
+import json
 from pathlib import Path
 
 import pytest
 
+from conftest import moto_s3
 from transrec.cluster import embedded, jobs
 from transrec.launcher.cli import main
 from transrec.trainer.audit import read_audit
@@ -11,28 +16,37 @@ from transrec.trainer.audit import read_audit
 CONFIG = str(Path(__file__).parents[1] / "configs" / "tiny.yaml")
 
 
+def job_logs(url: str, job_id: str) -> str:
+    out = io.StringIO()
+    jobs.logs(url, job_id, out=out)
+    return out.getvalue()[-5000:]
+
+
 @pytest.fixture(scope="module")
 def two_nodes(tmp_path_factory):
     state_dir = tmp_path_factory.mktemp("cluster-state")
-    state = embedded.up(state_dir, num_cpus=1)
-    try:
-        assert main(["cluster", "add-node", "--state-dir", str(state_dir), "--num-cpus", "1"]) == 0
-        yield state
-    finally:
-        embedded.down(state_dir)
-        assert embedded.cluster_pids(state.cluster_id) == []
+    with moto_s3("transrec") as s3:  # first: the cluster's processes inherit its endpoint
+        state = embedded.up(state_dir, num_cpus=1)
+        try:
+            assert main(["cluster", "add-node", "--state-dir", str(state_dir), "--num-cpus", "1"]) == 0
+            yield state, s3
+        finally:
+            embedded.down(state_dir)
+            assert embedded.cluster_pids(state.cluster_id) == []
 
 
-def test_spread_over_two_nodes_checkpoint_holds_every_shard_and_resumes(two_nodes, tmp_path):
-    url = two_nodes.dashboard_url
+def test_spread_over_two_nodes_checkpoint_in_s3_holds_every_shard_and_resumes(two_nodes, tmp_path):
+    state, s3 = two_nodes
+    url = state.dashboard_url
     nodes = [n for n in jobs.cluster_nodes(url) if n["alive"]]
     assert len(nodes) == 2 and all(n["resources"]["CPU"] == 1 for n in nodes)
     assert main(["prepare", "synthetic", "--out", str(tmp_path / "data"), "--users", "48", "--items", "40"]) == 0
     common = [f"data.path={tmp_path / 'data'}", f"output_dir={tmp_path / 'runs'}", "name=two",
-              "cluster.placement=strict_spread", "train.checkpoint_every=2", "train.log_sample_ids=true"]
+              "cluster.placement=strict_spread", "train.checkpoint_every=2", "train.log_sample_ids=true",
+              "checkpoint_storage=s3://transrec/runs"]
 
     first, _, _ = jobs.submit(CONFIG, [*common, "train.max_steps=2"], url)
-    assert jobs.wait(url, first, timeout=500) == "SUCCEEDED"
+    assert jobs.wait(url, first, timeout=500) == "SUCCEEDED", job_logs(url, first)
     # Ray's own account of the workers (the state API): rank 0 and rank 1 ran on different nodes
     from ray.util.state import list_actors
 
@@ -43,16 +57,24 @@ def test_spread_over_two_nodes_checkpoint_holds_every_shard_and_resumes(two_node
     assert workers[pids[0]] != workers[pids[1]]
     assert {workers[pid] for pid in pids} == {n["node_id"] for n in nodes}
 
-    step2 = tmp_path / "runs" / "two" / "checkpoints" / "step2"
-    files = {p.name for p in step2.iterdir()}
+    def stored(key: str) -> bytes:
+        return s3.get_object(Bucket="transrec", Key=f"runs/two/checkpoints/{key}")["Body"].read()
+
+    listing = s3.list_objects_v2(Bucket="transrec", Prefix="runs/two/checkpoints/step2/")["Contents"]
+    files = {item["Key"].rsplit("/", 1)[1] for item in listing if not item["Key"].endswith("/")}  # (not pyarrow's
+    # empty directory markers)
     # every rank's ZeRO optimizer shard and trainer state (RNG, loader position) reached the run's storage
     assert {"zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt",
-            "rank0_state.pt", "rank1_state.pt"} <= files, files
-    assert (step2.parent / "latest").read_text() == "step2"
+            "rank0_state.pt", "rank1_state.pt", "mp_rank_00_model_states.pt", "manifest.json"} <= files, files
+    assert set(json.loads(stored("step2/manifest.json"))["files"]) == files - {"manifest.json"}
+    assert stored("latest") == b"step2"
+    assert not (tmp_path / "runs" / "two" / "checkpoints").exists()  # nothing on the nodes' disks
 
     second, _, _ = jobs.submit(CONFIG, [*common, "train.max_steps=3"], url, resume=True)
-    assert jobs.wait(url, second, timeout=500) == "SUCCEEDED"
+    assert jobs.wait(url, second, timeout=500) == "SUCCEEDED", job_logs(url, second)
     for rank in (0, 1):
         starts = [r for r in read_audit(audits[rank]) if r.get("event") == "start"]
         assert [s["step"] for s in starts] == [0, 2]  # the second job resumed from step 2 ...
-    assert (step2.parent / "latest").read_text() == "step3"  # ... and trained step 3
+    assert stored("latest") == b"step3"  # ... and trained step 3
+    # the summary came back through Ray Train (rank 0 may run on another node than the driver)
+    assert json.loads((tmp_path / "runs" / "two" / "results.json").read_text())["steps"] == 3

@@ -15,6 +15,7 @@ import torch
 
 from transrec.trainer.audit import read_audit
 from transrec.trainer.checkpoint import consolidated_state_dict
+from transrec.trainer.checkpoint_store import CheckpointStore
 from transrec.trainer.torchrun_entry import launch
 
 CONFIG = str(Path(__file__).parents[1] / "configs" / "tiny.yaml")
@@ -65,26 +66,27 @@ def global_batches(run: Path) -> dict[int, list[int]]:
     return {step: sorted(ids) for step, ids in sorted(batches.items())}
 
 
-def stopped_copy(runs, stage: int, name: str) -> str:
+def stopped_copy(runs, stage: int, name: str, precision: str = "fp32") -> str:
     """A fresh copy of the run stopped at step STOP, to resume under another name."""
-    stopped = runs(f"stop{stage}", stage, f"train.max_steps={STOP}")
+    stopped = runs(f"stop{stage}{precision}", stage, f"train.precision={precision}", f"train.max_steps={STOP}")
     shutil.copytree(stopped, stopped.parent / name)
     return name
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_resume_mid_epoch_is_bit_identical(runs, stage):
-    reference = runs(f"ref{stage}", stage)
-    name = stopped_copy(runs, stage, f"resumed{stage}")
+@pytest.mark.parametrize(("stage", "precision"), [(2, "fp32"), (3, "fp32"), (2, "bf16")])
+def test_resume_mid_epoch_is_bit_identical(runs, stage, precision):
+    """bf16 too: DeepSpeed keeps fp32 master weights, saved in the checkpoint, and recasts the bf16 ones."""
+    reference = runs(f"ref{stage}{precision}", stage, f"train.precision={precision}")
+    name = stopped_copy(runs, stage, f"resumed{stage}{precision}", precision)
     state = torch.load(reference.parent / name / "checkpoints" / f"step{STOP}" / "rank0_state.pt", weights_only=True)
     assert state["epoch"] == 1 and state["loader"]["samples_in_epoch"] == 16  # 1 of the epoch's 3 steps done
-    resumed = runs(name, stage, resume=True)
+    resumed = runs(name, stage, f"train.precision={precision}", resume=True)
 
     assert len(losses(reference)) == STEPS
     assert losses(resumed) == losses(reference)  # every step's loss and learning rate, bitwise
     assert global_batches(resumed) == global_batches(reference)
-    final_reference = consolidated_state_dict(reference / "checkpoints", f"step{STEPS}")
-    final_resumed = consolidated_state_dict(resumed / "checkpoints", f"step{STEPS}")
+    final_reference = consolidated_state_dict(CheckpointStore(reference / "checkpoints"), f"step{STEPS}")
+    final_resumed = consolidated_state_dict(CheckpointStore(resumed / "checkpoints"), f"step{STEPS}")
     assert final_reference.keys() == final_resumed.keys()
     for key, tensor in final_reference.items():
         assert torch.equal(tensor, final_resumed[key]), key
@@ -96,9 +98,9 @@ def test_resume_on_fewer_ranks_continues_at_the_right_sample(runs, stage):
     universal checkpoint: the rest of the epoch is every sample not yet seen, once, in the global batches of
     the 2-rank run, and the LR schedule goes on unchanged. The losses are not bitwise those of the 2-rank
     run: one mean over 16 sequences is not the mean of two means over 8, and rank 1's dropout stream is gone."""
-    reference = runs(f"ref{stage}", stage)
+    reference = runs(f"ref{stage}fp32", stage, "train.precision=fp32")
     name = stopped_copy(runs, stage, f"fewer{stage}")
-    resumed = runs(name, stage, "train.batch_size=16", nproc=1, resume=True)
+    resumed = runs(name, stage, "train.precision=fp32", "train.batch_size=16", nproc=1, resume=True)
 
     assert (resumed / "checkpoints" / f"step{STOP}" / "universal").is_dir()
     batches = global_batches(resumed)
@@ -112,6 +114,6 @@ def test_resume_on_fewer_ranks_continues_at_the_right_sample(runs, stage):
 def test_zero3_gradient_checkpointing_over_frozen_blocks_matches(runs):
     """ZeRO-3 + non-reentrant checkpointing of both towers, whose lower blocks are frozen (tiny.yaml:
     trainable_blocks 1 of 2): trains, and gives exactly the losses of the run without checkpointing."""
-    plain = runs("ref3", 3)
-    checkpointed = runs("gc3", 3, "model.gradient_checkpointing=true", "train.max_steps=3")
+    plain = runs("ref3fp32", 3, "train.precision=fp32")
+    checkpointed = runs("gc3", 3, "train.precision=fp32", "model.gradient_checkpointing=true", "train.max_steps=3")
     assert losses(checkpointed) == losses(plain)[:3]

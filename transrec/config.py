@@ -52,6 +52,9 @@ class ImageEncoderConfig:
     weights: str = ""  # local safetensors state dict; empty = random init
     kwargs: dict = field(default_factory=dict)  # passed to timm.create_model
     trainable_blocks: int = 2  # top blocks fine-tuned; -1 = all
+    # keep each item's stem + frozen-block output after its first encoding (ZeRO-1/2; catalogue-sized memory;
+    # architectures whose forward runs their children in order: ResNet, ConvNeXt, EfficientNet..., not ViT)
+    cache_frozen: bool = False
 
 
 @dataclass
@@ -123,6 +126,9 @@ class ClusterConfig:
 class Config:
     name: str = "run"
     output_dir: str = "runs"
+    # where checkpoints go: "" = OUTPUT_DIR/NAME/checkpoints; else CHECKPOINT_STORAGE/NAME/checkpoints, a
+    # directory every node mounts or object storage (s3://bucket/prefix, gs://...) when the nodes share no file system
+    checkpoint_storage: str = ""
     init_from: str = ""  # an export directory to start from (fine-tuning)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)

@@ -26,8 +26,9 @@ from urllib.parse import urlparse
 import yaml
 
 from transrec.cluster.embedded import ClusterError, is_loopback, read_state
-from transrec.cluster.scaling import check_scaling, check_storage, resolve_use_gpu
+from transrec.cluster.scaling import check_scaling, resolve_use_gpu
 from transrec.config import Config, ConfigError, load_config
+from transrec.trainer.checkpoint_store import run_checkpoints
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
@@ -106,6 +107,7 @@ def _localize(cfg: Config, local: bool) -> Config:
         return str(Path(value).resolve())
 
     return replace(cfg, output_dir=fix("output_dir", cfg.output_dir), init_from=fix("init_from", cfg.init_from),
+                   checkpoint_storage=fix("checkpoint_storage", cfg.checkpoint_storage),
                    data=replace(cfg.data, path=fix("data.path", cfg.data.path)))
 
 
@@ -117,7 +119,7 @@ def prepare_submission(cfg: Config, url: str) -> Config:
         if "://" not in cfg.data.path and not (Path(cfg.data.path) / "manifest.json").exists():
             raise ConfigError(f"data.path={cfg.data.path}: no manifest.json there; write the dataset with "
                               f"`transrec prepare` first")
-        check_storage(cfg.run_dir)
+        run_checkpoints(cfg).check_writable()
     return cfg
 
 

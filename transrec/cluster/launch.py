@@ -57,13 +57,16 @@ def connect(cluster: ClusterConfig) -> None:
 def _worker_main(loop_config: dict) -> None:
     import ray.train
 
-    from transrec.cluster.scaling import check_storage
+    from transrec.trainer.checkpoint_store import run_checkpoints
     from transrec.trainer.loop import train
 
     cfg = from_dict(Config, loop_config["config"], "run config")
     # each worker writes its own checkpoint shard: its node must reach the run's storage
-    check_storage(cfg.run_dir, f"worker rank {ray.train.get_context().get_world_rank()}")
-    train(cfg)
+    rank = ray.train.get_context().get_world_rank()
+    run_checkpoints(cfg).check_writable(f"worker rank {rank}")
+    summary = train(cfg)
+    if rank == 0:  # to the driver, which may run on another node
+        loop_config["summaries"].put(summary)
 
 
 def train_on_cluster(cfg: Config) -> dict:
@@ -71,19 +74,22 @@ def train_on_cluster(cfg: Config) -> dict:
     The scaling config is checked against the cluster's live nodes before any worker starts."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.util.queue import Queue
 
-    from transrec.cluster.scaling import (check_scaling, check_storage, placement_strategy, ray_nodes,
-                                          resolve_use_gpu, worker_resources)
+    from transrec.cluster.scaling import (check_scaling, placement_strategy, ray_nodes, resolve_use_gpu,
+                                          worker_resources)
+    from transrec.trainer.checkpoint_store import run_checkpoints
 
-    check_storage(cfg.run_dir)
+    run_checkpoints(cfg).check_writable()
     placement = placement_strategy(cfg.cluster)
     connect(cfg.cluster)
     nodes = ray_nodes()
     use_gpu = resolve_use_gpu(cfg.cluster, nodes)
     check_scaling(cfg.cluster, nodes, use_gpu)
+    summaries = Queue(maxsize=1)
     trainer = TorchTrainer(
         _worker_main,
-        train_loop_config={"config": cfg.to_dict()},
+        train_loop_config={"config": cfg.to_dict(), "summaries": summaries},
         scaling_config=ScalingConfig(num_workers=cfg.cluster.num_workers, use_gpu=use_gpu,
                                      resources_per_worker=worker_resources(cfg.cluster, use_gpu),
                                      placement_strategy=placement),
@@ -94,4 +100,6 @@ def train_on_cluster(cfg: Config) -> dict:
     result = trainer.fit()
     if result.error is not None:
         raise RuntimeError(f"training run {cfg.name} failed: {result.error}")
-    return json.loads((cfg.run_dir / "results.json").read_text())
+    summary = summaries.get(timeout=60)
+    (cfg.run_dir / "results.json").write_text(json.dumps(summary, indent=2))  # rank 0's went to its own node
+    return summary

@@ -1,10 +1,6 @@
-"""The scaling config (workers, CPUs/GPUs per worker, placement) checked against a cluster's nodes, and the
-checkpoint storage checked for writes, both before any training starts."""
+"""The scaling config (workers, CPUs/GPUs per worker, placement) checked against a cluster's nodes before any
+training starts."""
 from __future__ import annotations
-
-import os
-import socket
-from pathlib import Path
 
 from transrec.config import ClusterConfig, ConfigError
 
@@ -68,18 +64,3 @@ def ray_nodes() -> list[dict]:
     import ray
 
     return [{"alive": bool(node["Alive"]), "resources": dict(node["Resources"])} for node in ray.nodes()]
-
-
-def check_storage(run_dir: str | Path, who: str = "") -> None:
-    """Fails now, with the reason, when the run's checkpoint directory cannot be created or written."""
-    if "://" in str(run_dir):
-        return  # remote storage is checked by whatever writes it
-    path = Path(run_dir) / "checkpoints"
-    probe = path / f".write-probe-{socket.gethostname()}-{os.getpid()}"
-    where = f" from {who}" if who else ""
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"ok")
-        probe.unlink()
-    except OSError as err:
-        raise ConfigError(f"checkpoint storage {path} is not writable{where}: {err.strerror or err}") from None

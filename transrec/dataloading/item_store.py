@@ -31,9 +31,13 @@ def read_manifest(root: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
+def size_problem(size: int, expected: int) -> str | None:
+    return None if size == expected else f"{size} bytes, the manifest says {expected} (truncated or replaced?)"
+
+
 def file_problems(root: str | Path, manifest: dict, mode: str = "full", skip: tuple[str, ...] = ()):
-    """Yields (relpath, message) for every file of `manifest["files"]`, but those under `skip` prefixes, that
-    is missing or has another size, or (mode "full") another sha256."""
+    """Yields (relpath, what is wrong) for every file of `manifest["files"]`, but those under `skip` prefixes,
+    that is missing or has another size, or (mode "full") another sha256."""
     if mode not in VERIFY_MODES:
         raise ValueError(f"verify must be one of {VERIFY_MODES}, got {mode!r}")
     root = Path(root)
@@ -42,17 +46,11 @@ def file_problems(root: str | Path, manifest: dict, mode: str = "full", skip: tu
             continue
         path = root / relpath
         if not path.is_file():
-            yield relpath, f"{path}: missing"
-        elif (size := path.stat().st_size) != expected["bytes"]:
-            yield relpath, f"{path}: {size} bytes, the manifest says {expected['bytes']} (truncated or replaced?)"
+            yield relpath, "missing"
+        elif wrong_size := size_problem(path.stat().st_size, expected["bytes"]):
+            yield relpath, wrong_size
         elif mode == "full" and sha256_file(path) != expected["sha256"]:
-            yield relpath, f"{path}: sha256 differs from the manifest (corrupted?)"
-
-
-def verify_files(root: str | Path, manifest: dict, mode: str = "full", skip: tuple[str, ...] = ()) -> None:
-    """Raises DatasetFileError for the first file of the manifest that file_problems finds."""
-    for _, problem in file_problems(root, manifest, mode, skip):
-        raise DatasetFileError(problem)
+            yield relpath, "sha256 differs from the manifest (corrupted?)"
 
 
 class ItemStore:
@@ -70,6 +68,7 @@ class ItemStore:
         self.manifest = read_manifest(self.root)
         self.file_problems: dict[str, str] = {}
         for relpath, problem in file_problems(self.root, self.manifest, mode=verify, skip=unverified):
+            problem = f"{self.root / relpath}: {problem}"
             if not (relpath.startswith(tolerate) and (self.root / relpath).is_file()):
                 raise DatasetFileError(problem)
             self.file_problems[relpath] = problem

@@ -238,6 +238,11 @@ class TrainLoader:
         """Batches per epoch on this rank."""
         return math.ceil(self._stream.length / self.batch_size)
 
+    @property
+    def epoch_finished(self) -> bool:
+        """Every sample of the epoch has been handed out (also when the consumer stopped at the last batch)."""
+        return self._samples_in_epoch >= self._stream.length * self.world_size
+
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
             self.epoch, self._samples_in_epoch = epoch, 0
@@ -264,8 +269,8 @@ class TrainLoader:
                 "initial_physical_nodes": self._initial_nodes}
 
     def __iter__(self) -> Iterator[Batch]:
-        if self._samples_in_epoch >= self._stream.length * self.world_size:
-            return  # this epoch is done
+        if self.epoch_finished:
+            return
         # streaming starts each __iter__ from its resume state: point it at our epoch and position. Every
         # rank of a node writes the same state before its own workers read it, so the writes agree.
         self._stream.load_state_dict(self._stream_state())

@@ -81,10 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_training(cfg, resume: bool) -> dict:
     from transrec.cluster.launch import train_on_cluster
-    from transrec.cluster.scaling import check_storage
     from transrec.trainer import run_dir
 
-    check_storage(cfg.run_dir)  # an unwritable checkpoint storage fails now, not at the first checkpoint
     return train_on_cluster(run_dir.prepare(cfg, resume))
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+from typing import NamedTuple
 
 import safetensors.torch
 import timm
@@ -9,24 +10,41 @@ import torch
 from torch import nn
 
 from transrec.config import ImageEncoderConfig
+from transrec.models.frozen_cache import FrozenOutputCache
 
 
-def split_blocks(body: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
-    """(blocks from bottom to top, head modules after the last block) of a timm backbone.
+class BackboneParts(NamedTuple):
+    stem: list[nn.Module]  # top-level children before the blocks
+    blocks: list[nn.Module]  # bottom to top
+    head: list[nn.Module]  # top-level children after the last block
+
+
+def split_blocks(body: nn.Module) -> BackboneParts:
+    """The stem, blocks and head of a timm backbone.
 
     ViT, DeiT, EfficientNet: `blocks`; ConvNeXt: `stages`; Swin: `layers`; ResNet: `layer1`..`layer4`.
-    Anything else: its top-level children that hold parameters are the blocks (no separate head).
+    Anything else: its top-level children that hold parameters are the blocks (no stem, no head).
     Everything before the blocks (stem, patch embedding, cls/position tokens) is never a block.
     """
     children = dict(body.named_children())
     names = list(children)
     for name in ("blocks", "stages", "layers"):
         if name in children:
-            return list(children[name]), [children[n] for n in names[names.index(name) + 1 :]]
+            at = names.index(name)
+            return BackboneParts([children[n] for n in names[:at]], list(children[name]),
+                                 [children[n] for n in names[at + 1 :]])
     stages = [n for n in names if re.fullmatch(r"layer\d+", n)]
     if stages:
-        return [children[n] for n in stages], [children[n] for n in names[names.index(stages[-1]) + 1 :]]
-    return [m for m in children.values() if list(m.parameters())], []
+        first, last = names.index(stages[0]), names.index(stages[-1])
+        return BackboneParts([children[n] for n in names[:first]], [children[n] for n in stages],
+                             [children[n] for n in names[last + 1 :]])
+    return BackboneParts([], [m for m in children.values() if list(m.parameters())], [])
+
+
+def run_in_order(modules: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
+    for module in modules:
+        x = module(x)
+    return x
 
 
 class ImageItemEncoder(nn.Module):
@@ -49,11 +67,20 @@ class ImageItemEncoder(nn.Module):
         patch_embed = getattr(self.body, "patch_embed", None)
         size = getattr(patch_embed, "img_size", None) or self.body.pretrained_cfg["input_size"][1:]
         self.input_size: tuple[int, int] = tuple(size)
+        # With cache_frozen, the body runs as its stem and frozen blocks (computed once per item, kept in
+        # frozen_cache), then its trainable blocks and head.
+        self.cache_frozen = cfg.cache_frozen and cfg.trainable_blocks >= 0
+        self.frozen_cache = FrozenOutputCache()
         if cfg.trainable_blocks >= 0:
-            blocks, head = split_blocks(self.body)
+            stem, blocks, head = split_blocks(self.body)
+            first_trainable = max(len(blocks) - cfg.trainable_blocks, 0)
             self.body.requires_grad_(False)
-            for module in blocks[max(len(blocks) - cfg.trainable_blocks, 0) :] + head:
+            for module in blocks[first_trainable:] + head:
                 module.requires_grad_(True)
+            self.frozen_part, self.trainable_part = stem + blocks[:first_trainable], blocks[first_trainable:] + head
+            if self.cache_frozen:
+                self._check_runs_in_order(cfg.name)
+        self.train()  # frozen batch norms in eval mode from the start, not only after a first .train() call
 
     def train(self, mode: bool = True) -> "ImageItemEncoder":
         super().train(mode)
@@ -70,6 +97,39 @@ class ImageItemEncoder(nn.Module):
         # timm checkpoints non-reentrantly by default (timm.layers.use_reentrant_ckpt() is False).
         self.body.set_grad_checkpointing(True)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    @torch.no_grad()
+    def _check_runs_in_order(self, name: str) -> None:
+        """Caching splits the body's forward into its children run in order: true of ResNets, ConvNeXts,
+        EfficientNets..., not of ViTs (their forward adds position embeddings between children)."""
+        images = torch.randn(2, 3, *self.input_size, generator=torch.Generator().manual_seed(0))
+        training = self.training
+        self.eval()
+        expected = self.body(images)
+        try:
+            in_order = run_in_order(self.frozen_part + self.trainable_part, images)
+            matches = in_order.shape == expected.shape and torch.allclose(in_order, expected, atol=1e-5)
+        except RuntimeError:  # a child that cannot take its predecessor's output
+            matches = False
+        self.train(training)
+        if not matches:
+            raise ValueError(f"model.image.cache_frozen: timm {name!r} does not run as its stem, blocks and head "
+                             f"in order; set cache_frozen: false (or use a ResNet, ConvNeXt, EfficientNet...)")
+
+    @torch.no_grad()
+    def _frozen_forward(self, images: torch.Tensor) -> torch.Tensor:
+        """The stem and frozen blocks, without autograd and in eval mode (frozen means fixed)."""
+        training = self.training
+        for module in self.frozen_part:
+            module.eval()
+        features = run_in_order(self.frozen_part, images)
+        self.train(training)
+        return features
+
+    def forward(self, images: torch.Tensor, item_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """`item_ids` (global item index per row) lets the frozen part's output be cached per item."""
         # The loader hands float32 images; a bf16 model (DeepSpeed casts parameters, not inputs) wants bf16.
-        return self.proj(self.body(images.to(self.proj.weight.dtype)))
+        images = images.to(self.proj.weight.dtype)
+        if self.cache_frozen and item_ids is not None and len(images):
+            features = self.frozen_cache.lookup(item_ids, lambda rows: self._frozen_forward(images[rows]))
+            return self.proj(run_in_order(self.trainable_part, torch.stack(features)))
+        return self.proj(self.body(images))

@@ -58,7 +58,7 @@ class MoMItemEncoder(nn.Module):
                 if items.image_rows.numel():
                     raise ValueError("ItemBatch has image rows but no decoded images")
                 images = torch.zeros(0, 3, *self.image.input_size, device=items.ids.device)
-            parts.append((items.image_rows, self.image(images)))
+            parts.append((items.image_rows, self.image(images, items.ids[items.image_rows])))
         if sum(rows.numel() for rows, _ in parts) != items.ids.numel():
             raise ValueError(f"item encoder {self.modalities} does not cover every row of the ItemBatch")
         # Out-of-place index_copy keeps the scatter differentiable with respect to each tower's output.

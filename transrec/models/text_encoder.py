@@ -6,6 +6,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel
 
 from transrec.config import TextEncoderConfig
+from transrec.models.frozen_cache import FrozenOutputCache
 
 
 def _load_body(cfg: TextEncoderConfig) -> nn.Module:
@@ -40,7 +41,7 @@ class TextItemEncoder(nn.Module):
             module.requires_grad_(False)
         # Per item id, the frozen part's output (trimmed to the item's tokens): computed once, reused.
         self.cache_frozen = cfg.cache_frozen
-        self._frozen_outputs: dict[int, torch.Tensor] = {}
+        self.frozen_cache = FrozenOutputCache()
 
     def enable_gradient_checkpointing(self) -> None:
         # Non-reentrant: it gives the trainable top layers gradients even though their input (the
@@ -66,15 +67,12 @@ class TextItemEncoder(nn.Module):
         return hidden
 
     def _frozen_cached(self, input_ids, attention_mask, additive_mask, item_ids: torch.Tensor) -> torch.Tensor:
-        ids = item_ids.tolist()
-        missing = [row for row, item in enumerate(ids) if item not in self._frozen_outputs]
-        if missing:
-            computed = self._frozen_forward(input_ids[missing], additive_mask[missing])
-            for row, states in zip(missing, computed):
-                self._frozen_outputs[ids[row]] = states[: int(attention_mask[row].sum())].clone()
+        def compute(rows: list[int]):
+            states = self._frozen_forward(input_ids[rows], additive_mask[rows])
+            return [s[: int(attention_mask[row].sum())] for row, s in zip(rows, states)]
+
         hidden = input_ids.new_zeros(*input_ids.shape, self.body.config.hidden_size, dtype=self.proj.weight.dtype)
-        for row, item in enumerate(ids):
-            states = self._frozen_outputs[item]
+        for row, states in enumerate(self.frozen_cache.lookup(item_ids, compute)):
             hidden[row, : states.size(0)] = states
         return hidden
 

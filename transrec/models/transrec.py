@@ -139,7 +139,7 @@ class TransRec(nn.Module):
         (The text tower's top `blocks` must be its trainable ones, which run with autograd.)"""
         targets = list(self.user_encoder.encoder.layers)
         for tower in self.towers():
-            tower_blocks = list(tower.body.encoder.layer) if isinstance(tower, TextItemEncoder) else split_blocks(tower.body)[0]
+            tower_blocks = list(tower.body.encoder.layer) if isinstance(tower, TextItemEncoder) else split_blocks(tower.body).blocks
             targets += tower_blocks[-blocks:]
         self.adapters = nn.ModuleList(Adapter(_width(block), dim) for block in targets)
         for block, adapter in zip(targets, self.adapters):

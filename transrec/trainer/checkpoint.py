@@ -1,23 +1,18 @@
 """Checkpoints that survive crashes: DeepSpeed's files plus what DeepSpeed does not keep (every RNG and the
 loader's position, per rank), published only once complete, verified before use.
 
-Layout: RUN/checkpoints/<tag>/ holds DeepSpeed's files, one `rank<r>_state.pt` per rank and `manifest.json`
-(every other file's size and sha256, the world size, the ZeRO stage); RUN/checkpoints/latest names the
-newest published tag.
-
-Save: every rank writes into <tag>.tmp/; after a barrier rank 0 flushes and hashes every file, writes the
-manifest, renames the directory to <tag>, and only then moves `latest`; it keeps the newest `keep` tags
-(and the protected ones, e.g. the best). Load: the newest tag whose files match its manifest; a damaged one
-(a file missing, truncated or changed) is skipped with a `CheckpointWarning` that names what is wrong.
-On another number of ranks than saved it, rank 0 first converts the tag to DeepSpeed's universal format
-(<tag>/universal/) and every rank loads that; the loader's position counts samples of all ranks, so the
-data goes on at the right sample.
+Where they live and how a tag is published (a directory every node mounts, or object storage):
+`checkpoint_store`. Save: every rank writes and hashes its own files, rank 0 writes the manifest and publishes
+the tag, then moves `latest` and keeps the newest `keep` tags (and the protected ones, e.g. the best). Load:
+the newest tag whose files match its manifest; a damaged one (a file missing, truncated or changed) is skipped
+with a `CheckpointWarning` that names what is wrong. On another number of ranks than saved it, the tag is
+first converted to DeepSpeed's universal format (<tag>/universal/) and every rank loads that; the loader's
+position counts samples of all ranks, so the data goes on at the right sample.
 """
 from __future__ import annotations
 
 import contextlib
 import json
-import os
 import random
 import shutil
 import sys
@@ -30,12 +25,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from transrec.dataloading.prepare import sha256_file
+from transrec.trainer.checkpoint_store import MANIFEST, STAGING, CheckpointStore, file_entries, step_of
 from transrec.trainer.evaluate import rank_and_world
 
-MANIFEST = "manifest.json"
 UNIVERSAL = "universal"  # tag_dir/universal: the tag converted for another world size
-STAGING, REPLACED = ".tmp", ".old"
 
 
 class CheckpointWarning(UserWarning):
@@ -85,150 +78,104 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _step(tag_dir: Path) -> int:
-    return int(tag_dir.name.removeprefix("step"))
+def _all_gather(value) -> list:
+    if not dist.is_initialized():
+        return [value]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
 
 
-def published_tags(checkpoint_dir: Path) -> list[Path]:
-    """Tag directories (not staging or replaced ones), oldest first."""
-    if not checkpoint_dir.is_dir():
-        return []
-    return sorted((p for p in checkpoint_dir.iterdir()
-                   if p.is_dir() and p.name.startswith("step") and p.name.removeprefix("step").isdigit()), key=_step)
-
-
-def latest_tag(checkpoint_dir: Path) -> str | None:
-    pointer = checkpoint_dir / "latest"
-    return pointer.read_text().strip() if pointer.exists() else None
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_manifest(tag_dir: Path, info: dict) -> None:
-    """Flushes every file of `tag_dir` to disk and records its size and sha256, then writes the manifest."""
-    files = {}
-    for path in sorted(p for p in tag_dir.rglob("*") if p.is_file()):
-        _fsync(path)
-        files[str(path.relative_to(tag_dir))] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
-    tmp = tag_dir / (MANIFEST + STAGING)
-    tmp.write_text(json.dumps({**info, "files": files}, indent=1))
-    _fsync(tmp)
-    tmp.replace(tag_dir / MANIFEST)
-
-
-def read_manifest(tag_dir: Path) -> dict:
-    return json.loads((tag_dir / MANIFEST).read_text())
-
-
-def saved_bytes(tag_dir: Path) -> int:
-    """Size of a checkpoint as saved (its manifest's files: not a universal conversion made later)."""
-    return sum(f["bytes"] for f in read_manifest(tag_dir)["files"].values())
-
-
-def problems(tag_dir: Path) -> list[str]:
-    """What is wrong with a checkpoint directory, checked against its manifest; empty when it is intact."""
-    try:
-        manifest = read_manifest(tag_dir)
-    except FileNotFoundError:
-        return [f"{MANIFEST} is missing (the save did not finish)"]
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        return [f"{MANIFEST} is unreadable: {err}"]
-    found = []
-    for name, expected in manifest["files"].items():
-        path = tag_dir / name
-        if not path.is_file():
-            found.append(f"{name} is missing")
-        elif path.stat().st_size != expected["bytes"]:
-            found.append(f"{name} has {path.stat().st_size} bytes, the manifest says {expected['bytes']}")
-        elif sha256_file(path) != expected["sha256"]:
-            found.append(f"{name} does not match its sha256")
-    return found
-
-
-def newest_intact_tag(checkpoint_dir: Path) -> str | None:
-    """The newest checkpoint that passes its manifest; each newer damaged one is reported by a warning.
-    None when there is no checkpoint at all; an error when every one is damaged."""
-    tags = published_tags(checkpoint_dir)
-    for tag_dir in reversed(tags):
-        found = problems(tag_dir)
-        if not found:
-            return tag_dir.name
-        warnings.warn(f"checkpoint {tag_dir} is damaged, trying an older one: " + "; ".join(found),
-                      CheckpointWarning, stacklevel=2)
-    if tags:
-        raise RuntimeError(f"every checkpoint under {checkpoint_dir} is damaged (see the warnings)")
-    return None
-
-
-def _publish(staging: Path, final: Path) -> None:
-    if final.exists():  # the same step saved again (e.g. an epoch end reached right after a resume)
-        replaced = final.with_name(final.name + REPLACED)
-        shutil.rmtree(replaced, ignore_errors=True)
-        final.rename(replaced)
-        staging.rename(final)
-        shutil.rmtree(replaced)
-    else:
-        staging.rename(final)
-
-
-def save(engine, checkpoint_dir: Path, tag: str, trainer_state: dict, keep: int, protected: set[str]) -> None:
+def save(engine, store: CheckpointStore, tag: str, trainer_state: dict, keep: int, protected: set[str]) -> None:
     """Saves the engine and every rank's trainer state as `tag`, publishes it, then prunes to `keep` tags."""
     rank, world = rank_and_world()
-    staging = checkpoint_dir / (tag + STAGING)
     if rank == 0:
-        shutil.rmtree(staging, ignore_errors=True)  # left by a save that crashed
+        store.begin(tag)
     _barrier()
-    engine.save_checkpoint(str(checkpoint_dir), tag=staging.name, save_latest=False)
-    torch.save({**trainer_state, "rng": rng_state()}, staging / f"rank{rank}_state.pt")
-    _barrier()  # every rank's files are complete
+    private = store.private_dir(tag, rank)
+    engine.save_checkpoint(str(private), tag=tag, save_latest=False)
+    torch.save({**trainer_state, "rng": rng_state()}, private / tag / f"rank{rank}_state.pt")
+    files = file_entries(private / tag)  # each rank hashes its own files
+    store.put(private, tag)
+    every_rank = _all_gather(files)  # (and once gathered, every rank's files are in place)
     if rank == 0:
-        write_manifest(staging, {"tag": tag, "world_size": world, "zero_stage": engine.zero_optimization_stage()})
-        _publish(staging, checkpoint_dir / tag)
-        pointer = checkpoint_dir / ("latest" + STAGING)
-        pointer.write_text(tag)
-        pointer.replace(checkpoint_dir / "latest")
-        for old in published_tags(checkpoint_dir)[:-max(keep, 1)]:
-            if old.name not in protected:
-                shutil.rmtree(old, ignore_errors=True)
-        for stale in [*checkpoint_dir.glob(f"step*{STAGING}"), *checkpoint_dir.glob(f"step*{REPLACED}")]:
-            shutil.rmtree(stale, ignore_errors=True)  # left by saves that crashed
+        manifest = {"tag": tag, "world_size": world, "zero_stage": engine.zero_optimization_stage(),
+                    "files": dict(sorted(kv for files in every_rank for kv in files.items()))}
+        store.publish(tag, manifest, keep, protected)
     _barrier()
 
 
 @dataclass(frozen=True)
 class ResumePoint:
-    """The checkpoint a run resumes from. On another world size than it was saved with, DeepSpeed loads
-    it through a universal checkpoint (optimizer state per parameter, any partitioning; ZeRO 1-3)."""
+    """The checkpoint a run resumes from, in a local directory (`checkpoint_dir`/`tag`): the store itself, or a
+    download from it (`downloaded`: removed once loaded). On another world size than it was saved with,
+    DeepSpeed loads it through a universal checkpoint (optimizer state per parameter, any partitioning)."""
 
     checkpoint_dir: Path
     tag: str
     saved_world: int
+    downloaded: bool = False
 
     @property
     def universal(self) -> bool:
         return self.saved_world != rank_and_world()[1]
 
 
-def find_resume_point(checkpoint_dir: Path) -> ResumePoint | None:
-    """The newest intact checkpoint, chosen by rank 0 and the same on every rank (None: start afresh).
-    Call it before `deepspeed.initialize`: a universal load must be configured there."""
+def _warn_damaged(store: CheckpointStore, tag: str, found: list[str]) -> None:
+    warnings.warn(f"checkpoint {store.where(tag)} is damaged, trying an older one: " + "; ".join(found),
+                  CheckpointWarning, stacklevel=3)
+
+
+def newest_intact_tag(store: CheckpointStore, below: int | None = None) -> str | None:
+    """The newest checkpoint (of a step `below`, if given) that passes its manifest; each newer damaged one is
+    reported by a warning. None when there is no checkpoint at all; an error when every one is damaged."""
+    tags = store.tags()
+    for tag in reversed(tags):
+        if below is not None and step_of(tag) >= below:
+            continue
+        found = store.problems(tag)
+        if not found:
+            return tag
+        _warn_damaged(store, tag, found)
+    if tags:
+        raise RuntimeError(f"every checkpoint under {store} is damaged (see the warnings)")
+    return None
+
+
+def find_resume_point(store: CheckpointStore) -> ResumePoint | None:
+    """The newest intact checkpoint, chosen by rank 0 and fetched by every rank (from object storage: a download,
+    checked file by file); None: start afresh. Call it before `deepspeed.initialize`: a universal load must be
+    configured there."""
     rank, _ = rank_and_world()
-    choice: list = [None]
-    if rank == 0:
-        tag = newest_intact_tag(checkpoint_dir)
-        if tag is not None:
-            choice = [ResumePoint(checkpoint_dir, tag, read_manifest(checkpoint_dir / tag)["world_size"])]
-            if choice[0].universal:
-                to_universal(checkpoint_dir / tag)
-    if dist.is_initialized():
-        dist.broadcast_object_list(choice, src=0)
-    return choice[0]
+    below = None
+    while True:
+        choice: list = [None]
+        if rank == 0:
+            try:
+                choice = [newest_intact_tag(store, below)]
+            except RuntimeError as err:  # raised on every rank, not only on rank 0
+                choice = [str(err)]
+        if dist.is_initialized():
+            dist.broadcast_object_list(choice, src=0)
+        tag = choice[0]
+        if tag is None:
+            return None
+        if not tag.startswith("step"):
+            raise RuntimeError(tag)
+        local, found = store.fetch(tag)
+        damaged = sorted({problem for problems in _all_gather(found) for problem in problems})
+        if not damaged:
+            break
+        shutil.rmtree(local)  # only a download can be damaged here: `problems` checked the directory store
+        if rank == 0:
+            _warn_damaged(store, tag, damaged)
+        below = step_of(tag)
+    manifest = json.loads((local / tag / MANIFEST).read_text())
+    point = ResumePoint(local, tag, manifest["world_size"], downloaded=not store.is_directory)
+    if point.universal and (rank == 0 or point.downloaded):  # each download is converted by its own rank
+        to_universal(local / tag)
+    _barrier()
+    return point
 
 
 def to_universal(tag_dir: Path) -> Path:
@@ -276,17 +223,27 @@ def load(engine, point: ResumePoint) -> dict:
     rng = state.pop("rng")
     if own:
         restore_rng_state(rng)
+    if point.downloaded:
+        shutil.rmtree(point.checkpoint_dir)
     return state
 
 
-def consolidated_state_dict(checkpoint_dir: Path, tag: str | None = None) -> dict[str, torch.Tensor]:
-    """The full fp32 model weights of a ZeRO checkpoint of any stage, gathered in one process."""
+def consolidated_state_dict(store: CheckpointStore, tag: str | None = None) -> dict[str, torch.Tensor]:
+    """The full fp32 model weights of a ZeRO checkpoint of any stage (default: the latest), gathered in one
+    process."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    tag = tag or latest_tag(checkpoint_dir)
-    if tag is None or not (checkpoint_dir / tag).is_dir():
-        raise FileNotFoundError(f"no checkpoint {tag or '(latest)'} under {checkpoint_dir}")
-    if (checkpoint_dir / tag / MANIFEST).exists() and (found := problems(checkpoint_dir / tag)):
-        raise ValueError(f"checkpoint {checkpoint_dir / tag} is damaged: " + "; ".join(found))
-    with contextlib.redirect_stdout(sys.stderr):  # it prints progress; stdout stays the command's output
-        return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
+    tag = tag or store.latest()
+    if tag is None or tag not in store.tags():
+        raise FileNotFoundError(f"no checkpoint {tag or '(latest)'} under {store}")
+    if found := store.problems(tag):
+        raise ValueError(f"checkpoint {store.where(tag)} is damaged: " + "; ".join(found))
+    local, found = store.fetch(tag)
+    try:
+        if found:
+            raise ValueError(f"checkpoint {store.where(tag)} is damaged: " + "; ".join(found))
+        with contextlib.redirect_stdout(sys.stderr):  # it prints progress; stdout stays the command's output
+            return get_fp32_state_dict_from_zero_checkpoint(str(local), tag=tag)
+    finally:
+        if not store.is_directory:
+            shutil.rmtree(local)

@@ -76,16 +76,20 @@ def target_ranks(user_vecs: torch.Tensor, item_vecs: torch.Tensor, batch: EvalBa
 
 
 @torch.no_grad()
-def evaluate_split(model, item_vecs: torch.Tensor, loader, ks: list[int], device: torch.device) -> dict[str, float]:
-    """HR@K and NDCG@K (means over all users of every rank) of `model` on one eval split."""
-    sums: dict[str, float] = {}
-    candidates = model.scoring(item_vecs)
-    for batch in loader:
-        batch = batch.to(device)
-        history = item_vecs[batch.history].to(next(model.parameters()).dtype)
-        user_vecs = model.scoring(model.encode_users(history, batch.history_mask).float())
-        add_sums(sums, metric_sums(target_ranks(user_vecs, candidates, batch), ks, batch.valid))
-    return means(all_reduce_sums(sums))
+def evaluate_splits(model, item_vecs: torch.Tensor, loaders: dict, ks: list[int],
+                    device: torch.device) -> dict[str, dict[str, float]]:
+    """HR@K and NDCG@K (means over all users of every rank) of `model` on each eval split of `loaders`."""
+    candidates = model.scoring(item_vecs)  # (a normalized copy with a temperature: once for all splits)
+    results = {}
+    for split, loader in loaders.items():
+        sums: dict[str, float] = {}
+        for batch in loader:
+            batch = batch.to(device)
+            history = item_vecs[batch.history].to(next(model.parameters()).dtype)
+            user_vecs = model.scoring(model.encode_users(history, batch.history_mask).float())
+            add_sums(sums, metric_sums(target_ranks(user_vecs, candidates, batch), ks, batch.valid))
+        results[split] = means(all_reduce_sums(sums))
+    return results
 
 
 def evaluate_popularity(popularity: np.ndarray, loader, ks: list[int]) -> dict[str, float]:
@@ -110,9 +114,9 @@ def evaluate_model(model, data_path: str, cfg, splits=("valid", "test"), device:
     store = ItemStore(data_path)
     decoder = ImageDecoder(cfg.data.image_size, cfg.data.image_decoder)
     item_vecs = encode_catalogue(model, store, decoder, cfg.eval.item_batch_size, device, model.cfg.item_encoder)
-    results = {}
-    for split in splits:
-        loader = EvalLoader(data_path, split, cfg.eval.batch_size, model.cfg.max_seq_len, 0, 1)
-        results[split] = evaluate_split(model, item_vecs, loader, cfg.eval.ks, device)
+    loaders = {split: EvalLoader(data_path, split, cfg.eval.batch_size, model.cfg.max_seq_len, 0, 1)
+               for split in splits}
+    results = evaluate_splits(model, item_vecs, loaders, cfg.eval.ks, device)
+    for split, loader in loaders.items():
         results[f"{split}_popularity"] = evaluate_popularity(store.popularity, loader, cfg.eval.ks)
     return results

@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from transrec.dataloading.prepare import sha256_file
-from transrec.trainer.checkpoint import consolidated_state_dict, saved_bytes
+from transrec.trainer.checkpoint import consolidated_state_dict
+from transrec.trainer.checkpoint_store import run_checkpoints
 from transrec.trainer.finetune import build_model
 from transrec.trainer.run_dir import best_or_latest_tag, run_config
 
@@ -30,7 +31,7 @@ def load_checkpoint_model(run_dir: Path, tag: str | None = None):
     cfg = run_config(run_dir)
     tag = tag or best_or_latest_tag(run_dir)
     model = build_model(cfg, read_manifest(cfg.data.path)["num_items"], load_init=False)
-    model.load_state_dict(consolidated_state_dict(run_dir / "checkpoints", tag), strict=True)
+    model.load_state_dict(consolidated_state_dict(run_checkpoints(cfg), tag), strict=True)
     return model.eval(), cfg, tag
 
 
@@ -47,7 +48,7 @@ def export(run_dir: Path, out: Path, tag: str | None = None, dtype: str = "bfloa
                  for p in sorted(tmp.rglob("*")) if p.is_file()}
         manifest = {"format": 1, "run": str(run_dir), "tag": tag, "dtype": dtype, "dataset": cfg.data.path,
                     "bytes": sum(f["bytes"] for f in files.values()),
-                    "checkpoint_bytes": saved_bytes(run_dir / "checkpoints" / tag), "files": files}
+                    "checkpoint_bytes": run_checkpoints(cfg).saved_bytes(tag), "files": files}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
         if out.exists():
             shutil.rmtree(out)

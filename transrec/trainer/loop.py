@@ -9,14 +9,14 @@ from __future__ import annotations
 import json
 import os
 import time
-from pathlib import Path
 
 import torch
 
 from transrec.config import Config
 from transrec.trainer import checkpoint
 from transrec.trainer.audit import SampleAudit
-from transrec.trainer.evaluate import evaluate_popularity, evaluate_split, encode_catalogue, rank_and_world
+from transrec.trainer.checkpoint_store import run_checkpoints
+from transrec.trainer.evaluate import encode_catalogue, evaluate_popularity, evaluate_splits, rank_and_world
 from transrec.trainer.finetune import build_model
 from transrec.trainer.mfu import StepTimer, matmul_peak
 from transrec.trainer.runlog import RunLog
@@ -82,8 +82,8 @@ def train(cfg: Config) -> dict:
     import deepspeed
 
     rank, world = rank_and_world()
-    run_dir = Path(cfg.output_dir) / cfg.name
-    checkpoint_dir = run_dir / "checkpoints"
+    run_dir = cfg.run_dir
+    checkpoints = run_checkpoints(cfg)
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
 
     num_items = read_manifest(cfg.data.path)["num_items"]
@@ -108,7 +108,7 @@ def train(cfg: Config) -> dict:
     optimizer = torch.optim.AdamW(model.param_groups(cfg.train.lr, cfg.train.encoder_lr, cfg.train.weight_decay))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_linear_decay(cfg.train.warmup_steps, schedule_steps))
     started = time.perf_counter()
-    resume = checkpoint.find_resume_point(checkpoint_dir)  # verifies each file; converts for another world size
+    resume = checkpoint.find_resume_point(checkpoints)  # verifies each file; converts for another world size
     resume_seconds = time.perf_counter() - started
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
                                            config=deepspeed_config(cfg, resume is not None and resume.universal))
@@ -138,7 +138,7 @@ def train(cfg: Config) -> dict:
 
     def save_checkpoint() -> None:
         protected = {state["best"]["tag"]} if state["best"] else set()
-        checkpoint.save(engine, checkpoint_dir, f"step{state['step']}",
+        checkpoint.save(engine, checkpoints, f"step{state['step']}",
                         {**state, "loader": loader.state_dict()}, cfg.train.keep_checkpoints, protected)
 
     while state["step"] < total_steps and state["epoch"] < cfg.train.epochs:
@@ -164,11 +164,11 @@ def train(cfg: Config) -> dict:
                 save_checkpoint()
             if state["step"] >= total_steps:
                 break
-        else:
+        if loader.epoch_finished:  # (also when the last step of the run was the epoch's last batch)
             # rank 0's bad records skipped in the epoch (each rank's loader also logs its own)
             log.write({"kind": "data", "step": state["step"], "epoch": state["epoch"],
                        **{f"skipped/{kind}": count for kind, count in loader.skipped.items()}})
-            state["epoch"] += 1  # the epoch ran to its end
+            state["epoch"] += 1
         if state["step"] >= total_steps or state["epoch"] % cfg.eval.every_epochs == 0:
             metrics = evaluate(engine.module, store, decoder, evaluators, cfg, device, mode)
             record = {"step": state["step"], "epoch": state["epoch"], "tag": f"step{state['step']}", **metrics}
@@ -194,7 +194,6 @@ def flatten(per_split: dict[str, dict[str, float]]) -> dict[str, float]:
 def evaluate(model, store, decoder, evaluators: dict, cfg: Config, device, mode: str) -> dict:
     model.eval()
     item_vecs = encode_catalogue(model, store, decoder, cfg.eval.item_batch_size, device, mode)
-    metrics = flatten({split: evaluate_split(model, item_vecs, loader, cfg.eval.ks, device)
-                       for split, loader in evaluators.items()})
+    metrics = flatten(evaluate_splits(model, item_vecs, evaluators, cfg.eval.ks, device))
     model.train()
     return metrics

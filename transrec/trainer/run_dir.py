@@ -9,7 +9,7 @@ import yaml
 
 from transrec.config import Config, ConfigError, load_config
 from transrec.models.transrec import read_export_config
-from transrec.trainer.checkpoint import latest_tag
+from transrec.trainer.checkpoint_store import run_checkpoints
 
 
 def absolute(path: str) -> str:
@@ -20,15 +20,16 @@ def absolute(path: str) -> str:
 def resolve(cfg: Config) -> Config:
     """Absolute paths; with `init_from`, the model section is the exported model's own."""
     cfg = replace(cfg, output_dir=absolute(cfg.output_dir), init_from=absolute(cfg.init_from),
-                  data=replace(cfg.data, path=absolute(cfg.data.path)))
+                  checkpoint_storage=absolute(cfg.checkpoint_storage), data=replace(cfg.data, path=absolute(cfg.data.path)))
     if cfg.init_from:
         exported = Path(cfg.init_from) / "config.json"
         if not exported.exists():
             raise ConfigError(f"init_from: {exported} not found; expected a directory written by `transrec export`")
         cfg = replace(cfg, model=read_export_config(cfg.init_from)[0])
-    if cfg.model.text.cache_frozen and cfg.train.zero_stage == 3:
-        # ZeRO-3 gathers parameters collectively: every rank must run the frozen layers on every step
-        raise ConfigError("model.text.cache_frozen works with train.zero_stage 1 or 2, not 3")
+    for tower in ("text", "image"):
+        if getattr(cfg.model, tower).cache_frozen and cfg.train.zero_stage == 3:
+            # ZeRO-3 gathers parameters collectively: every rank must run the frozen layers on every step
+            raise ConfigError(f"model.{tower}.cache_frozen works with train.zero_stage 1 or 2, not 3")
     return cfg
 
 
@@ -36,8 +37,9 @@ def prepare(cfg: Config, resume: bool) -> Config:
     """Creates (or, with `resume`, reopens) the run directory and writes the resolved config into it."""
     cfg = resolve(cfg)
     run_dir = cfg.run_dir
-    if latest_tag(run_dir / "checkpoints") is not None and not resume:
-        raise ConfigError(f"run {run_dir} already has checkpoints: pass --resume to continue it, or pick another name")
+    if run_checkpoints(cfg).latest() is not None and not resume:
+        raise ConfigError(f"run {run_dir} already has checkpoints (in {run_checkpoints(cfg)}): pass --resume to "
+                          f"continue it, or pick another name")
     if not resume and run_dir.exists():
         for stale in ("metrics.jsonl", "results.json"):
             (run_dir / stale).unlink(missing_ok=True)
@@ -54,12 +56,13 @@ def run_config(run_dir: Path) -> Config:
 
 
 def best_or_latest_tag(run_dir: Path) -> str:
+    store = run_checkpoints(run_config(run_dir))
     results = run_dir / "results.json"
     if results.exists():
         best = json.loads(results.read_text()).get("best")
-        if best and (run_dir / "checkpoints" / best["tag"]).is_dir():
+        if best and best["tag"] in store.tags():
             return best["tag"]
-    tag = latest_tag(run_dir / "checkpoints")
+    tag = store.latest()
     if tag is None:
-        raise FileNotFoundError(f"{run_dir / 'checkpoints'} holds no checkpoint")
+        raise FileNotFoundError(f"{store} holds no checkpoint")
     return tag

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import subprocess
 import sys
+
+from transrec.cluster.embedded import free_port
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -38,12 +39,6 @@ def main(argv: list[str] | None = None) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)  # ZeRO-3 sometimes aborts in interpreter teardown after all work is done (STACK.md)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(nproc: int, config: str, overrides: list[str], resume: bool = False,
