@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -89,9 +90,11 @@ def read_epoch(args) -> None:
     loader = make_loader(cfg, args.data, workers=1, decoder=None, policy=args.policy)
     opened = time.perf_counter() - start
     sequences = 0
+    memory = None
     for batch in loader:
         sequences += len(batch.users)
         if args.max_sequences and sequences >= args.max_sequences:
+            memory = memory_now()  # while the DataLoader workers live: they exit when the loop is left
             break
     seconds = time.perf_counter() - start - opened
     whole_epoch = loader.epoch_finished
@@ -102,7 +105,37 @@ def read_epoch(args) -> None:
                 "whole_epoch": whole_epoch,
                 "sequences_per_s": round(sequences / seconds),
                 "peak_rss_mib": {"main": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                                 "loader_worker": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}})
+                                 "loader_worker": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024},
+                "memory_mib_at_stop": memory})
+
+
+def memory_now() -> dict:
+    workers = [pid for pid in child_pids() if "pt_data_worker" in Path(f"/proc/{pid}/comm").read_text()]
+    return {"main": memory_mib(os.getpid()), "loader_workers": [memory_mib(pid) for pid in workers]}
+
+
+def child_pids() -> list[int]:
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # a process that ended meanwhile
+        if ppid == os.getpid():
+            children.append(int(stat.parent.name))
+    return children
+
+
+def memory_mib(pid: int) -> dict[str, float]:
+    """A process's peak and current resident memory, the current split into anonymous (heap: what grows if
+    data is held), file-backed (mapped files: the item store's and shards' pages, reclaimable page cache) and
+    shared memory (streaming's)."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmHWM", "VmRSS", "RssAnon", "RssFile", "RssShmem"):
+            fields[key] = round(int(value.split()[0]) / 1024, 1)
+    return fields
 
 
 def rss(args) -> None:
