@@ -78,9 +78,7 @@ def train_on_cluster(cfg: Config) -> dict:
 
     from transrec.cluster.scaling import (check_scaling, placement_strategy, ray_nodes, resolve_use_gpu,
                                           worker_resources)
-    from transrec.trainer.checkpoint_store import run_checkpoints
 
-    run_checkpoints(cfg).check_writable()
     placement = placement_strategy(cfg.cluster)
     connect(cfg.cluster)
     nodes = ray_nodes()

@@ -36,14 +36,18 @@ def resolve(cfg: Config) -> Config:
 def prepare(cfg: Config, resume: bool) -> Config:
     """Creates (or, with `resume`, reopens) the run directory and writes the resolved config into it."""
     cfg = resolve(cfg)
-    run_dir = cfg.run_dir
-    if run_checkpoints(cfg).latest() is not None and not resume:
-        raise ConfigError(f"run {run_dir} already has checkpoints (in {run_checkpoints(cfg)}): pass --resume to "
+    run_dir, checkpoints = cfg.run_dir, run_checkpoints(cfg)
+    checkpoints.check_writable()  # an unwritable checkpoint storage fails now, not at the first checkpoint
+    if checkpoints.latest() is not None and not resume:
+        raise ConfigError(f"run {run_dir} already has checkpoints (in {checkpoints}): pass --resume to "
                           f"continue it, or pick another name")
     if not resume and run_dir.exists():
         for stale in ("metrics.jsonl", "results.json"):
             (run_dir / stale).unlink(missing_ok=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"output_dir: cannot create the run directory {run_dir}: {err.strerror or err}") from None
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     return cfg
 
