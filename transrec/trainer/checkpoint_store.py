@@ -59,6 +59,9 @@ def file_entries(directory: Path) -> dict[str, dict]:
 
 
 class CheckpointStore:
+    """The checkpoints under `location`: a local path (a directory store) or a URI (object storage; a file://
+    URI is a directory store too)."""
+
     def __init__(self, location: str | Path):
         location = str(location).rstrip("/")
         if "://" in location:
