@@ -261,7 +261,7 @@ class DatasetWriter:
             "skipped": {**(skipped or {}), **self.skipped},
             "sources": sources or {},
             **extra,
-            "files": _describe_files(self.tmp),
+            "files": describe_files(self.tmp),
         }
         (self.tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         self._move_into_place()
@@ -289,11 +289,23 @@ def _chunks(records: Iterable[ItemRecord], size: int) -> Iterator[list[ItemRecor
         yield chunk
 
 
-def _describe_files(root: Path) -> dict:
-    return {
-        path.relative_to(root).as_posix(): {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
-        for path in sorted(root.rglob("*")) if path.is_file()
-    }
+def describe_files(root: Path, flush: bool = False) -> dict[str, dict]:
+    """Every file under `root`: relative path -> size and sha256 (a manifest's `files`); with `flush`, each
+    file is fsynced first, so the manifest never vouches for bytes still in the page cache."""
+    files = {}
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        if flush:
+            fsync(path)
+        files[path.relative_to(root).as_posix()] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+    return files
+
+
+def fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 # ---- MovieLens (RecBole atomic files) -------------------------------------------------------------------

@@ -14,9 +14,6 @@ class FrozenOutputCache:
     def __init__(self) -> None:
         self.outputs: dict[int, torch.Tensor] = {}
 
-    def __len__(self) -> int:
-        return len(self.outputs)
-
     def lookup(self, item_ids: torch.Tensor,
                compute: Callable[[list[int]], Iterable[torch.Tensor]]) -> list[torch.Tensor]:
         """The outputs of `item_ids`, in order; `compute(rows)` yields those of the rows not cached yet."""

@@ -25,7 +25,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from transrec.trainer.checkpoint_store import MANIFEST, STAGING, CheckpointStore, file_entries, step_of
+from transrec.dataloading.prepare import describe_files
+from transrec.trainer.checkpoint_store import MANIFEST, STAGING, CheckpointStore, step_of
 from transrec.trainer.evaluate import rank_and_world
 
 UNIVERSAL = "universal"  # tag_dir/universal: the tag converted for another world size
@@ -95,7 +96,7 @@ def save(engine, store: CheckpointStore, tag: str, trainer_state: dict, keep: in
     private = store.private_dir(tag, rank)
     engine.save_checkpoint(str(private), tag=tag, save_latest=False)
     torch.save({**trainer_state, "rng": rng_state()}, private / tag / f"rank{rank}_state.pt")
-    files = file_entries(private / tag)  # each rank hashes its own files
+    files = describe_files(private / tag, flush=True)  # each rank hashes its own files
     store.put(private, tag)
     every_rank = _all_gather(files)  # (and once gathered, every rank's files are in place)
     if rank == 0:
@@ -149,19 +150,19 @@ def find_resume_point(store: CheckpointStore) -> ResumePoint | None:
     rank, _ = rank_and_world()
     below = None
     while True:
-        choice: list = [None]
+        choice: list = [(None, None)]  # (tag, error)
         if rank == 0:
             try:
-                choice = [newest_intact_tag(store, below)]
+                choice = [(newest_intact_tag(store, below), None)]
             except RuntimeError as err:  # raised on every rank, not only on rank 0
-                choice = [str(err)]
+                choice = [(None, str(err))]
         if dist.is_initialized():
             dist.broadcast_object_list(choice, src=0)
-        tag = choice[0]
+        tag, error = choice[0]
+        if error is not None:
+            raise RuntimeError(error)
         if tag is None:
             return None
-        if not tag.startswith("step"):
-            raise RuntimeError(tag)
         local, found = store.fetch(tag)
         damaged = sorted({problem for problems in _all_gather(found) for problem in problems})
         if not damaged:
@@ -236,14 +237,14 @@ def consolidated_state_dict(store: CheckpointStore, tag: str | None = None) -> d
     tag = tag or store.latest()
     if tag is None or tag not in store.tags():
         raise FileNotFoundError(f"no checkpoint {tag or '(latest)'} under {store}")
-    if found := store.problems(tag):
-        raise ValueError(f"checkpoint {store.where(tag)} is damaged: " + "; ".join(found))
-    local, found = store.fetch(tag)
+    local, found = None, store.problems(tag)  # (object storage: sizes before a download, sha256 after it)
     try:
+        if not found:
+            local, found = store.fetch(tag)
         if found:
             raise ValueError(f"checkpoint {store.where(tag)} is damaged: " + "; ".join(found))
         with contextlib.redirect_stdout(sys.stderr):  # it prints progress; stdout stays the command's output
             return get_fp32_state_dict_from_zero_checkpoint(str(local), tag=tag)
     finally:
-        if not store.is_directory:
+        if local is not None and not store.is_directory:
             shutil.rmtree(local)

@@ -27,7 +27,7 @@ import pyarrow.fs as pafs
 
 from transrec.config import Config, ConfigError
 from transrec.dataloading.item_store import file_problems, size_problem
-from transrec.dataloading.prepare import sha256_file
+from transrec.dataloading.prepare import fsync
 
 MANIFEST, LATEST = "manifest.json", "latest"
 STAGING, REPLACED = ".tmp", ".old"
@@ -39,23 +39,6 @@ def step_of(tag: str) -> int:
 
 def is_tag(name: str) -> bool:
     return name.startswith("step") and name.removeprefix("step").isdigit()
-
-
-def fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def file_entries(directory: Path) -> dict[str, dict]:
-    """Every file under `directory`, flushed to disk: relative path -> size and sha256 (a manifest's `files`)."""
-    entries = {}
-    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
-        fsync(path)
-        entries[path.relative_to(directory).as_posix()] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
-    return entries
 
 
 class CheckpointStore:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from transrec.dataloading.prepare import sha256_file
+from transrec.dataloading.prepare import describe_files
 from transrec.trainer.checkpoint import consolidated_state_dict
 from transrec.trainer.checkpoint_store import run_checkpoints
 from transrec.trainer.finetune import build_model
@@ -44,8 +44,7 @@ def export(run_dir: Path, out: Path, tag: str | None = None, dtype: str = "bfloa
     try:
         model.save_pretrained(tmp, dtype=DTYPES[dtype], towers_apart=True)
         shutil.copytree(Path(cfg.data.path) / "tokenizer", tmp / "tokenizer")
-        files = {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
-                 for p in sorted(tmp.rglob("*")) if p.is_file()}
+        files = describe_files(tmp)
         manifest = {"format": 1, "run": str(run_dir), "tag": tag, "dtype": dtype, "dataset": cfg.data.path,
                     "bytes": sum(f["bytes"] for f in files.values()),
                     "checkpoint_bytes": run_checkpoints(cfg).saved_bytes(tag), "files": files}
