@@ -17,7 +17,7 @@ from transrec.dataloading.batch import IMAGE, TEXT
 from transrec.dataloading.images import ImageDecoder
 from transrec.dataloading.item_store import DatasetFileError, ItemStore
 from transrec.dataloading.loader import EvalLoader, TrainLoader, _ShardedSequences
-from transrec.dataloading.prepare import SEQUENCE_COLUMNS, DataError, _describe_files, prepare_movielens
+from transrec.dataloading.prepare import SEQUENCE_COLUMNS, DataError, describe_files, prepare_movielens
 
 BATCH = 16
 
@@ -51,7 +51,7 @@ def train_sequences(dataset: Path) -> list[np.ndarray]:
 def sign(dataset: Path) -> None:
     """Records the files as they are now in the manifest: data that was bad when it was written."""
     manifest = json.loads((dataset / "manifest.json").read_text())
-    manifest["files"] = {k: v for k, v in _describe_files(dataset).items() if k != "manifest.json"}
+    manifest["files"] = {k: v for k, v in describe_files(dataset).items() if k != "manifest.json"}
     (dataset / "manifest.json").write_text(json.dumps(manifest))
 
 
