@@ -23,13 +23,15 @@ def rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
-def all_reduce_sums(sums: dict[str, float]) -> dict[str, float]:
+def all_reduce_values(values: dict[str, float], op=dist.ReduceOp.SUM) -> dict[str, float]:
+    """`values` reduced over the ranks (through the GPU where the process group is NCCL's)."""
     if rank_and_world()[1] == 1:
-        return sums
-    keys = sorted(sums)
-    values = torch.tensor([sums[k] for k in keys], dtype=torch.float64)
-    dist.all_reduce(values)
-    return dict(zip(keys, values.tolist()))
+        return values
+    keys = sorted(values)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    tensor = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=op)
+    return dict(zip(keys, tensor.tolist()))
 
 
 @torch.no_grad()
@@ -88,7 +90,7 @@ def evaluate_splits(model, item_vecs: torch.Tensor, loaders: dict, ks: list[int]
             history = item_vecs[batch.history].to(next(model.parameters()).dtype)
             user_vecs = model.scoring(model.encode_users(history, batch.history_mask).float())
             add_sums(sums, metric_sums(target_ranks(user_vecs, candidates, batch), ks, batch.valid))
-        results[split] = means(all_reduce_sums(sums))
+        results[split] = means(all_reduce_values(sums))
     return results
 
 
@@ -100,7 +102,7 @@ def evaluate_popularity(popularity: np.ndarray, loader, ks: list[int]) -> dict[s
         user_scores = scores[None].expand(batch.target.shape[0], -1)
         ranks = count_higher(user_scores, scores[batch.target], _excluded(batch, 0, scores.shape[0]))
         add_sums(sums, metric_sums(ranks, ks, batch.valid))
-    return means(all_reduce_sums(sums))
+    return means(all_reduce_values(sums))
 
 
 def evaluate_model(model, data_path: str, cfg, splits=("valid", "test"), device: torch.device | None = None) -> dict:

@@ -10,16 +10,24 @@ import json
 import os
 import time
 
+import psutil
 import torch
+import torch.distributed as dist
 
 from transrec.config import Config
 from transrec.trainer import checkpoint
 from transrec.trainer.audit import SampleAudit
 from transrec.trainer.checkpoint_store import run_checkpoints
-from transrec.trainer.evaluate import encode_catalogue, evaluate_popularity, evaluate_splits, rank_and_world
+from transrec.trainer.evaluate import (all_reduce_values, encode_catalogue, evaluate_popularity, evaluate_splits,
+                                       rank_and_world)
 from transrec.trainer.finetune import build_model
 from transrec.trainer.mfu import StepTimer, matmul_peak
 from transrec.trainer.runlog import RunLog
+
+# oneDNN (torch's CPU kernels) caches a primitive per input shape, 1024 of them by default. The number of
+# distinct items, hence the shapes, changes every step, and the cache grew a rank by ~20 MB a step until the
+# kernel killed it (benchmarks/README.md, "memory"); 128 bounds it at no measured cost in speed.
+os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "128")
 
 
 def use_cuda() -> bool:
@@ -158,7 +166,7 @@ def train(cfg: Config) -> dict:
             log.step(loss.item())
             if state["step"] % cfg.train.log_every == 0:
                 log.write({"kind": "train", "step": state["step"], "epoch": state["epoch"], "loss": loss.item(),
-                           "lr": schedule.get_last_lr()[-1], **window.rates()})
+                           "lr": schedule.get_last_lr()[-1], **window.rates(), "max_rank_rss_gb": max_rank_rss_gb()})
                 window = StepTimer(world, peak_flops)
             if cfg.train.checkpoint_every and state["step"] % cfg.train.checkpoint_every == 0:
                 save_checkpoint()
@@ -185,6 +193,11 @@ def train(cfg: Config) -> dict:
         (run_dir / "results.json").write_text(json.dumps(summary, indent=2))
     log.close()
     return summary
+
+
+def max_rank_rss_gb() -> float:
+    """The largest resident memory of any rank's process now, in GB (on a GPU machine too: host memory)."""
+    return all_reduce_values({"rss": psutil.Process().memory_info().rss / 1e9}, dist.ReduceOp.MAX)["rss"]
 
 
 def flatten(per_split: dict[str, dict[str, float]]) -> dict[str, float]:
