@@ -11,6 +11,7 @@ from transrec.config import load_config
 from transrec.dataloading.images import ImageDecoder
 from transrec.dataloading.loader import TrainLoader
 from transrec.models import TransRec
+from transrec.models.transrec import read_export_config
 from transrec.trainer.finetune import build_model
 from transrec.trainer.run_dir import resolve
 
@@ -82,3 +83,15 @@ def test_adapters_mode_trains_only_the_adapters(pretrained):
     # fine-tuning the adapted export again trains its adapters, and adds none
     again = finetune_model((data, export.parent / "adapted", None), "adapters")
     assert len(again.adapters) == 3 and trainable(again) == trainable(model)
+
+
+def test_fine_tuning_takes_the_architecture_from_the_export_and_the_training_switches_from_the_run(pretrained):
+    data, export, _ = pretrained
+    exported = read_export_config(export)[0]
+    cfg = resolve(load_config(CONFIG, [f"data.path={data}", f"init_from={export}", "model.dim=8", "model.layers=5",
+                                       "model.gradient_checkpointing=true", "model.dropout=0.3",
+                                       "model.text.cache_frozen=true", "model.image.trainable_blocks=-1"]))
+    assert (cfg.model.dim, cfg.model.layers) == (exported.dim, exported.layers) != (8, 5)
+    assert cfg.model.gradient_checkpointing and cfg.model.dropout == 0.3
+    assert cfg.model.text.cache_frozen and cfg.model.image.trainable_blocks == -1
+    assert cfg.model.text.config == exported.text.config and cfg.model.image.name == exported.image.name

@@ -9,6 +9,18 @@ import torch
 from transrec.config import Config, ConfigError, ModelConfig
 
 MODES = ("", "full", "top_k", "adapters")
+# Model fields that say how a model trains, not what it is: a fine-tuning run takes these from its own config
+# (YAML and --set, as any run) and everything else from the export it starts from.
+TRAINING_SWITCHES = ("dropout", "gradient_checkpointing", "loss", "logq_correction")
+TOWER_TRAINING_SWITCHES = ("trainable_blocks", "cache_frozen")
+
+
+def fine_tuning_model(exported: ModelConfig, run: ModelConfig) -> ModelConfig:
+    """The exported model with the run's training switches."""
+    towers = {tower: replace(getattr(exported, tower),
+                             **{k: getattr(getattr(run, tower), k) for k in TOWER_TRAINING_SWITCHES})
+              for tower in ("text", "image")}
+    return replace(exported, **{k: getattr(run, k) for k in TRAINING_SWITCHES}, **towers)
 
 
 def model_config(cfg: Config, num_items: int) -> ModelConfig:

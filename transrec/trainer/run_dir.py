@@ -10,6 +10,7 @@ import yaml
 from transrec.config import Config, ConfigError, load_config
 from transrec.models.transrec import read_export_config
 from transrec.trainer.checkpoint_store import run_checkpoints
+from transrec.trainer.finetune import fine_tuning_model
 
 
 def absolute(path: str) -> str:
@@ -18,14 +19,14 @@ def absolute(path: str) -> str:
 
 
 def resolve(cfg: Config) -> Config:
-    """Absolute paths; with `init_from`, the model section is the exported model's own."""
+    """Absolute paths; with `init_from`, the model is the exported one, with the run's training switches."""
     cfg = replace(cfg, output_dir=absolute(cfg.output_dir), init_from=absolute(cfg.init_from),
                   checkpoint_storage=absolute(cfg.checkpoint_storage), data=replace(cfg.data, path=absolute(cfg.data.path)))
     if cfg.init_from:
         exported = Path(cfg.init_from) / "config.json"
         if not exported.exists():
             raise ConfigError(f"init_from: {exported} not found; expected a directory written by `transrec export`")
-        cfg = replace(cfg, model=read_export_config(cfg.init_from)[0])
+        cfg = replace(cfg, model=fine_tuning_model(read_export_config(cfg.init_from)[0], cfg.model))
     for tower in ("text", "image"):
         if getattr(cfg.model, tower).cache_frozen and cfg.train.zero_stage == 3:
             # ZeRO-3 gathers parameters collectively: every rank must run the frozen layers on every step
