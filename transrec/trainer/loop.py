@@ -28,6 +28,8 @@ from transrec.trainer.runlog import RunLog
 # distinct items, hence the shapes, changes every step, and the cache grew a rank by ~20 MB a step until the
 # kernel killed it (benchmarks/README.md, "memory"); 128 bounds it at no measured cost in speed.
 os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "128")
+# what bounds a rank's memory (MALLOC_MMAP_THRESHOLD_: see cluster/launch.py worker_env), in the run's log
+MEMORY_SETTINGS = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "MALLOC_MMAP_THRESHOLD_")
 
 
 def use_cuda() -> bool:
@@ -133,7 +135,8 @@ def train(cfg: Config) -> dict:
     audit = SampleAudit(run_dir, rank, cfg.train.log_sample_ids)  # which samples this rank trains on
     audit.start(state["step"], state["epoch"])
     log = RunLog(run_dir, enabled=rank == 0, total=total_steps, initial=state["step"])
-    log.write({"kind": "machine", "matmul_peak_tflops": peak_flops / 1e12, "dtype": str(dtype), "world_size": world})
+    log.write({"kind": "machine", "matmul_peak_tflops": peak_flops / 1e12, "dtype": str(dtype), "world_size": world,
+               **{name: os.environ.get(name) for name in MEMORY_SETTINGS}})
     if resume is not None:
         log.write({"kind": "resume", "step": state["step"], "tag": resume.tag, "from_world_size": resume.saved_world,
                    "seconds": resume_seconds})
