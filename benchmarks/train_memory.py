@@ -1,7 +1,7 @@
 """Why a CPU rank's memory grew over a long run: train steps of an image tower whose batch size (the batch's
 distinct image items) changes at every step, as in training, under several allocator/oneDNN settings.
 
-Each setting runs in a fresh process (oneDNN and glibc read their settings when they start): `--steps`
+Each setting runs in a fresh process (oneDNN reads its setting once): `--steps`
 forward+backward passes of timm `--model` on N random images, N drawn from [--min-items, --max-items] with
 the same seed for every setting; prints the resident memory every 10 steps and the mean time per step.
 
@@ -17,13 +17,13 @@ import subprocess
 import sys
 import time
 
-SETTINGS = {  # name -> environment
+SETTINGS = {  # name -> environment; {} = the trainer's bound_host_memory(), nothing set beforehand
     "oneDNN cache 1024 (torch's default)": {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "1024"},
-    "oneDNN cache 128 (the trainer's)": {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "128"},
+    "oneDNN cache 128": {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "128"},
     "oneDNN cache 0": {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "0"},
-    "oneDNN cache 128 + MALLOC_MMAP_THRESHOLD_=4 MiB": {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "128",
-                                                       "MALLOC_MMAP_THRESHOLD_": str(4 << 20)},
+    "the trainer's bound_host_memory() (cache 128 + mmap threshold 4 MiB)": {},
 }
+BOUNDS = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "MALLOC_MMAP_THRESHOLD_")
 
 
 def run_steps(args) -> dict:
@@ -31,6 +31,10 @@ def run_steps(args) -> dict:
     import timm
     import torch
 
+    if not os.environ.get("ONEDNN_PRIMITIVE_CACHE_CAPACITY"):
+        from transrec.trainer.loop import bound_host_memory
+
+        bound_host_memory()
     torch.manual_seed(0)
     rng = random.Random(0)
     model = timm.create_model(args.model, pretrained=False, num_classes=0).to(torch.bfloat16)
@@ -62,7 +66,7 @@ def main() -> None:
         print(json.dumps(run_steps(args)))
         return
     for name, env in SETTINGS.items():
-        out = subprocess.run([sys.executable, *sys.argv, "--child"], env={**os.environ, **env}, check=True,
+        out = subprocess.run([sys.executable, *sys.argv, "--child"], env={**{k: v for k, v in os.environ.items() if k not in BOUNDS}, **env}, check=True,
                              capture_output=True, text=True).stdout
         result = json.loads(out.splitlines()[-1])
         print(f"{name}: {result['s_per_step']:.2f} s/step; RSS GiB by step {result['rss_gib']}", flush=True)

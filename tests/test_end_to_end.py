@@ -35,7 +35,7 @@ def test_pretrain_checkpoint_export_reload_finetune(tmp_path, ray_cluster, capsy
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert {r["kind"] for r in records} >= {"popularity", "train", "eval", "machine"}
     machine = next(r for r in records if r["kind"] == "machine")  # the settings that bound a rank's memory
-    assert machine["MALLOC_MMAP_THRESHOLD_"] == str(4 << 20) and machine["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "128"
+    assert machine["malloc_mmap_threshold"] == str(4 << 20) and machine["onednn_primitive_cache"] == "128"
     assert all(0 < r["mfu"] < 1 and r["tflops_per_s"] > 0 and 0.1 < r["max_rank_rss_gb"] < 64
                for r in records if r["kind"] == "train")
     assert (run / "curves.png").stat().st_size > 0

@@ -15,13 +15,12 @@ from transrec.config import ClusterConfig, Config, from_dict
 
 
 def worker_env() -> dict[str, str]:
-    """Environment of every worker: offline model loading, this venv's tools first on PATH (ninja: two
-    different ninja binaries invalidate DeepSpeed's JIT extension cache, STACK.md), and glibc's malloc serving
-    blocks of 4 MiB and more by mmap: tensors whose sizes change at every step (the batch's distinct items)
-    otherwise fragment its heap, and a rank grew from 3.5 to 8.7 GB in 105 steps (benchmarks/README.md)."""
-    env = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "MALLOC_MMAP_THRESHOLD_": str(4 << 20),
+    """Environment of every worker: offline model loading, and this venv's tools first on PATH (ninja:
+    two different ninja binaries invalidate DeepSpeed's JIT extension cache, STACK.md)."""
+    env = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    for name in ("DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR", "TMPDIR", "MALLOC_MMAP_THRESHOLD_"):
+    for name in ("DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR", "TMPDIR", "MALLOC_MMAP_THRESHOLD_",
+                 "ONEDNN_PRIMITIVE_CACHE_CAPACITY"):
         if name in os.environ:
             env[name] = os.environ[name]
     return env

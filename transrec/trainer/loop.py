@@ -6,8 +6,10 @@ when there is one, so a restarted worker group continues where it stopped.
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import os
+import sys
 import time
 
 import psutil
@@ -24,12 +26,30 @@ from transrec.trainer.finetune import build_model
 from transrec.trainer.mfu import StepTimer, matmul_peak
 from transrec.trainer.runlog import RunLog
 
-# oneDNN (torch's CPU kernels) caches a primitive per input shape, 1024 of them by default. The number of
-# distinct items, hence the shapes, changes every step, and the cache grew a rank by ~20 MB a step until the
-# kernel killed it (benchmarks/README.md, "memory"); 128 bounds it at no measured cost in speed.
-os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "128")
-# what bounds a rank's memory (MALLOC_MMAP_THRESHOLD_: see cluster/launch.py worker_env), in the run's log
-MEMORY_SETTINGS = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "MALLOC_MMAP_THRESHOLD_")
+ONEDNN_CACHE_CAPACITY = 128
+MALLOC_MMAP_THRESHOLD = 4 << 20
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+def bound_host_memory() -> dict[str, str]:
+    """Keeps a rank's host memory from growing with per-step shapes; returns the settings in force.
+
+    The batch's distinct items, hence the shape of every convolution and matmul, change at every step.
+    oneDNN (torch's CPU kernels) caches a primitive per shape, 1,024 by default, and glibc's heap fragments
+    under the changing sizes: a rank grew from 3.5 to 8.7 GB in 105 steps until the kernel killed it
+    (benchmarks/README.md, "Train-step memory"). So: 128 primitives, and blocks of 4 MiB and more served by
+    mmap, i.e. returned to the kernel when freed. Settings already in the environment win.
+    """
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(ONEDNN_CACHE_CAPACITY))
+    threshold = os.environ.get("MALLOC_MMAP_THRESHOLD_")  # (glibc applied it when the process started)
+    if threshold is None and sys.platform == "linux":
+        try:
+            if ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD) == 1:
+                threshold = str(MALLOC_MMAP_THRESHOLD)
+        except OSError:  # not glibc
+            pass
+    return {"onednn_primitive_cache": os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"],
+            "malloc_mmap_threshold": threshold or "glibc default"}
 
 
 def use_cuda() -> bool:
@@ -88,6 +108,7 @@ def train(cfg: Config) -> dict:
     from transrec.dataloading.item_store import read_manifest
     from transrec.dataloading.loader import EvalLoader, TrainLoader
 
+    memory_settings = bound_host_memory()
     device = init_distributed()
     import deepspeed
 
@@ -136,7 +157,7 @@ def train(cfg: Config) -> dict:
     audit.start(state["step"], state["epoch"])
     log = RunLog(run_dir, enabled=rank == 0, total=total_steps, initial=state["step"])
     log.write({"kind": "machine", "matmul_peak_tflops": peak_flops / 1e12, "dtype": str(dtype), "world_size": world,
-               **{name: os.environ.get(name) for name in MEMORY_SETTINGS}})
+               **memory_settings})
     if resume is not None:
         log.write({"kind": "resume", "step": state["step"], "tag": resume.tag, "from_world_size": resume.saved_world,
                    "seconds": resume_seconds})
