@@ -85,11 +85,10 @@ def find_bad_items(store: ItemStore, mode: str) -> tuple[BadItems, list[BadRecor
         empty_length = len(load_tokenizer(str(store.root / "tokenizer"))("")["input_ids"])  # special tokens only
         found["empty_title"] = text_rows[store.token_lengths[text_rows] <= empty_length]
     if len(image_rows):
-        starts, sizes = store.image_spans(image_rows)
+        _, sizes = store.image_spans(image_rows)
         found["missing_image"] = image_rows[sizes == 0]
-        present, starts = image_rows[sizes >= 2], starts[sizes >= 2]
-        first_bytes = np.stack([store.images[starts], store.images[starts + 1]], axis=1)
-        found["not_a_jpeg"] = present[(first_bytes != JPEG_START).any(1)]
+        present = image_rows[sizes >= 2]
+        found["not_a_jpeg"] = present[(store.image_heads(present) != JPEG_START).any(1)]
     files = {"empty_title": "items/tokens.npy", "missing_image": "items/image_offsets.npy",
              "not_a_jpeg": "items/images.bin"}
     problems = {"empty_title": "empty title (its text has no token)", "missing_image": "an image item with no image",

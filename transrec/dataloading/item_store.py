@@ -1,4 +1,4 @@
-"""The item table of a dataset directory, memory-mapped: O(1) access to any item's tokens and JPEG."""
+"""The item table of a dataset directory: O(1) access to any item's tokens (memory-mapped) and JPEG (pread)."""
 from __future__ import annotations
 
 import json
@@ -74,20 +74,20 @@ class ItemStore:
             self.file_problems[relpath] = problem
         self._open_pid: int | None = None
         self._arrays: dict[str, np.ndarray] = {}
-        self._images: np.ndarray | None = None
+        self._images_fd: int | None = None
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state.update(_open_pid=None, _arrays={}, _images=None)  # memmaps are reopened, not copied
+        state.update(_open_pid=None, _arrays={}, _images_fd=None)  # reopened in each process, not copied
         return state
 
     def _array(self, name: str) -> np.ndarray:
         if self._open_pid != os.getpid():
             items = self.root / "items"
             self._arrays = {n: np.load(items / f"{n}.npy", mmap_mode="r") for n in ITEM_ARRAYS}
-            size = (items / "images.bin").stat().st_size
-            # np.memmap cannot map an empty file (a data set without image items)
-            self._images = np.memmap(items / "images.bin", np.uint8, "r") if size else np.zeros(0, np.uint8)
+            # JPEGs are read with pread, not mapped: a map would keep every JPEG read so far resident in each
+            # process (a page holds several), growing it with the catalogue; the page cache still shares them
+            self._images_fd = os.open(items / "images.bin", os.O_RDONLY)
             self._open_pid = os.getpid()
         return self._arrays[name]
 
@@ -102,12 +102,6 @@ class ItemStore:
     @property
     def token_lengths(self) -> np.ndarray:
         return self._array("token_lengths")
-
-    @property
-    def images(self) -> np.ndarray:
-        """uint8: all JPEG bytes (images.bin), memory-mapped."""
-        self._array("image_offsets")
-        return self._images
 
     def image_spans(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Where the JPEGs of `ids` start in `images`, and their sizes (0: no image)."""
@@ -128,10 +122,23 @@ class ItemStore:
         mask = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
         return token_ids, mask
 
+    def image_heads(self, ids: np.ndarray, size: int = 2) -> np.ndarray:
+        """uint8 [n, size]: the first bytes of the images of `ids` (each at least `size` long)."""
+        heads = [self._read_image(int(start), size) for start in self.image_spans(ids)[0]]
+        return np.array(heads, np.uint8).reshape(-1, size)
+
     def jpeg(self, index: int) -> np.ndarray:
-        """The encoded JPEG of item `index` (empty for a text item), copied out of the memory map."""
+        """The encoded JPEG of item `index` (empty for a text item)."""
         offsets = self._array("image_offsets")
-        return np.array(self._images[offsets[index]:offsets[index + 1]])
+        return self._read_image(int(offsets[index]), int(offsets[index + 1] - offsets[index]))
+
+    def _read_image(self, start: int, size: int) -> np.ndarray:
+        self._array("image_offsets")  # opens images.bin in this process
+        out = np.empty(size, np.uint8)
+        if size and os.preadv(self._images_fd, [out], start) != size:
+            raise DatasetFileError(f"{self.root / 'items' / 'images.bin'}: ends before byte {start + size} "
+                                   "(truncated since it was checked?)")
+        return out
 
     def item_batch(self, ids: np.ndarray, decoder: ImageDecoder | None = None, mode: str = "mom") -> ItemBatch:
         """The ItemBatch of distinct items `ids`, rows routed by `mode` (see ITEM_MODES); images decoded when a
