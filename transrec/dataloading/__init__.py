@@ -2,7 +2,7 @@
 
 - `prepare`: MovieLens atomic files -> dataset directory; `synthetic`: a generated MoM data set; both write
   through `prepare.DatasetWriter` (the format is described in `prepare`).
-- `item_store.ItemStore`: the memory-mapped item table (tokens, JPEG bytes, modality, popularity).
+- `item_store.ItemStore`: the item table (tokens, modality, popularity memory-mapped; JPEG bytes read with pread).
 - `images.ImageDecoder`: JPEG bytes -> normalized image tensors (DALI or PIL).
 - `collate`: sequences -> `batch.Batch` / `batch.EvalBatch`.
 - `loader.TrainLoader`, `loader.EvalLoader`: what the trainer iterates.
