@@ -32,7 +32,7 @@ def run_steps(args) -> dict:
     import torch
 
     if not os.environ.get("ONEDNN_PRIMITIVE_CACHE_CAPACITY"):
-        from transrec.trainer.loop import bound_host_memory
+        from transrec.trainer.host_memory import bound_host_memory
 
         bound_host_memory()
     torch.manual_seed(0)

@@ -104,7 +104,7 @@ class ItemStore:
         return self._array("token_lengths")
 
     def image_spans(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Where the JPEGs of `ids` start in `images`, and their sizes (0: no image)."""
+        """Where the JPEGs of `ids` start in images.bin, and their sizes (0: no image)."""
         offsets = self._array("image_offsets")
         return offsets[ids], offsets[np.asarray(ids) + 1] - offsets[ids]
 

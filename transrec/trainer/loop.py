@@ -6,51 +6,21 @@ when there is one, so a restarted worker group continues where it stopped.
 """
 from __future__ import annotations
 
-import ctypes
 import json
 import os
-import sys
 import time
 
-import psutil
 import torch
-import torch.distributed as dist
 
 from transrec.config import Config
 from transrec.trainer import checkpoint
 from transrec.trainer.audit import SampleAudit
 from transrec.trainer.checkpoint_store import run_checkpoints
-from transrec.trainer.evaluate import (all_reduce_values, encode_catalogue, evaluate_popularity, evaluate_splits,
-                                       rank_and_world)
+from transrec.trainer.evaluate import encode_catalogue, evaluate_popularity, evaluate_splits, rank_and_world
 from transrec.trainer.finetune import build_model
+from transrec.trainer.host_memory import bound_host_memory, max_rank_rss_gb
 from transrec.trainer.mfu import StepTimer, matmul_peak
 from transrec.trainer.runlog import RunLog
-
-ONEDNN_CACHE_CAPACITY = 128
-MALLOC_MMAP_THRESHOLD = 4 << 20
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
-
-
-def bound_host_memory() -> dict[str, str]:
-    """Keeps a rank's host memory from growing with per-step shapes; returns the settings in force.
-
-    The batch's distinct items, hence the shape of every convolution and matmul, change at every step.
-    oneDNN (torch's CPU kernels) caches a primitive per shape, 1,024 by default, and glibc's heap fragments
-    under the changing sizes: a rank grew from 3.5 to 8.7 GB in 105 steps until the kernel killed it
-    (benchmarks/README.md, "Train-step memory"). So: 128 primitives, and blocks of 4 MiB and more served by
-    mmap, i.e. returned to the kernel when freed. Settings already in the environment win.
-    """
-    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(ONEDNN_CACHE_CAPACITY))
-    threshold = os.environ.get("MALLOC_MMAP_THRESHOLD_")  # (glibc applied it when the process started)
-    if threshold is None and sys.platform == "linux":
-        try:
-            if ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD) == 1:
-                threshold = str(MALLOC_MMAP_THRESHOLD)
-        except OSError:  # not glibc
-            pass
-    return {"onednn_primitive_cache": os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"],
-            "malloc_mmap_threshold": threshold or "glibc default"}
-
 
 def use_cuda() -> bool:
     return torch.cuda.is_available()
@@ -217,11 +187,6 @@ def train(cfg: Config) -> dict:
         (run_dir / "results.json").write_text(json.dumps(summary, indent=2))
     log.close()
     return summary
-
-
-def max_rank_rss_gb() -> float:
-    """The largest resident memory of any rank's process now, in GB (on a GPU machine too: host memory)."""
-    return all_reduce_values({"rss": psutil.Process().memory_info().rss / 1e9}, dist.ReduceOp.MAX)["rss"]
 
 
 def flatten(per_split: dict[str, dict[str, float]]) -> dict[str, float]:
