@@ -117,3 +117,18 @@ def test_zero3_gradient_checkpointing_over_frozen_blocks_matches(runs):
     plain = runs("ref3fp32", 3, "train.precision=fp32")
     checkpointed = runs("gc3", 3, "train.precision=fp32", "model.gradient_checkpointing=true", "train.max_steps=3")
     assert losses(checkpointed) == losses(plain)[:3]
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_optimizer_offload_trains_like_the_plain_run_and_resumes_exactly(runs, stage):
+    """`train.offload_optimizer` (DeepSpeed's CPU offload of the optimizer states and step): the same losses as
+    without it, and a run stopped at step STOP resumes to the uninterrupted offloaded run's losses bitwise."""
+    offload = ("train.precision=fp32", "train.offload_optimizer=true")
+    offloaded = runs(f"offload{stage}", stage, *offload)
+    reference = runs(f"ref{stage}fp32", stage, "train.precision=fp32")
+    assert [step for step, _, _ in losses(offloaded)] == list(range(1, STEPS + 1))
+    torch.testing.assert_close([loss for _, loss, _ in losses(offloaded)], [loss for _, loss, _ in losses(reference)])
+    stopped = runs(f"offload{stage}-stop", stage, *offload, f"train.max_steps={STOP}")
+    shutil.copytree(stopped, stopped.parent / f"offload{stage}-resumed")
+    resumed = runs(f"offload{stage}-resumed", stage, *offload, resume=True)
+    assert losses(resumed) == losses(offloaded)
