@@ -22,6 +22,7 @@ from transrec.trainer.host_memory import bound_host_memory, max_rank_rss_gb
 from transrec.trainer.mfu import StepTimer, matmul_peak
 from transrec.trainer.runlog import RunLog
 
+
 def use_cuda() -> bool:
     return torch.cuda.is_available()
 
