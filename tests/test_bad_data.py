@@ -17,7 +17,9 @@ from transrec.dataloading.batch import IMAGE, TEXT
 from transrec.dataloading.images import ImageDecoder
 from transrec.dataloading.item_store import DatasetFileError, ItemStore
 from transrec.dataloading.loader import EvalLoader, TrainLoader, _ShardedSequences
-from transrec.dataloading.prepare import SEQUENCE_COLUMNS, DataError, describe_files, prepare_movielens
+from transrec.dataloading.prepare import (
+    EVAL_COLUMNS, TRAIN_COLUMNS, USERS_PER_SAMPLE, DataError, describe_files, pack_sequences, prepare_movielens,
+)
 
 BATCH = 16
 
@@ -66,27 +68,35 @@ def set_image(dataset: Path, item: int, jpeg: bytes) -> None:
 
 
 def rewrite_train(dataset: Path, edits: dict[int, list[int]], size_limit: int = 1 << 26, split: str = "train") -> None:
-    """Rewrites the train (or eval) shards with some sequences replaced (sample index -> items)."""
-    samples = list(_ShardedSequences(dataset / split))
+    """Rewrites the train (or eval) shards with some sequences replaced (user -> items), as prepare blocks them."""
+    sequences = list(_ShardedSequences(dataset / split))
+    per_sample = USERS_PER_SAMPLE if split == "train" else 1
     shutil.rmtree(dataset / split)
-    with MDSWriter(out=str(dataset / split), columns=SEQUENCE_COLUMNS, size_limit=size_limit) as writer:
-        for i, sample in enumerate(samples):
-            writer.write({"user": sample["user"], "items": np.array(edits.get(i, sample["items"]), np.int64)})
+    columns = TRAIN_COLUMNS if split == "train" else EVAL_COLUMNS
+    with MDSWriter(out=str(dataset / split), columns=columns, size_limit=size_limit) as writer:
+        for first in range(0, len(sequences), per_sample):
+            block = sequences[first:first + per_sample]
+            users = [s["user"] for s in block]
+            items = [np.array(edits.get(s["user"], s["items"]), np.int64) for s in block]
+            writer.write(pack_sequences(users, items) if split == "train" else {"user": users[0], "items": items[0]})
     sign(dataset)
 
 
-def sample_ids(batches) -> list[int]:
-    return [i for batch in batches for i in batch.sample_ids.tolist()]
+def users(batches) -> list[int]:
+    return [i for batch in batches for i in batch.users.tolist()]
 
 
 def holding(dataset: Path, item: int) -> set[int]:
     return {i for i, items in enumerate(train_sequences(dataset)) if item in items}
 
 
-def assert_skipped_exactly(dataset: Path, batches, skipped: set[int], loader: TrainLoader, kind: str) -> None:
-    assert sorted(sample_ids(batches)) == sorted(set(range(120)) - skipped)
-    assert loader.skipped[kind] == len(skipped) and loader.state_dict()["samples_in_epoch"] == 120
-    assert sum(loader.skipped.values()) == len(skipped)
+def assert_skipped_exactly(dataset: Path, batches, skipped: set[int], loader: TrainLoader, kind: str,
+                           records: int | None = None) -> None:
+    """The users of `skipped` and no other were left out, in `records` bad records (default: one per user)."""
+    assert sorted(users(batches)) == sorted(set(range(120)) - skipped)
+    records = len(skipped) if records is None else records
+    assert loader.skipped[kind] == records and loader.state_dict()["samples_in_epoch"] == 120 // USERS_PER_SAMPLE
+    assert sum(loader.skipped.values()) == records
 
 
 def busy_item(dataset: Path, modality: int) -> int:
@@ -122,7 +132,7 @@ def test_image_that_does_not_decode_is_blanked_and_counted(data, policy):
     loader = make_loader(data, policy, decoder=ImageDecoder(16, backend="dali"), workers=1)
     assert loader.found == {}
     batches = epoch(loader)
-    assert sorted(sample_ids(batches)) == list(range(120))
+    assert sorted(users(batches)) == list(range(120))
     blanked = 0
     for batch in batches:
         ids = batch.items.ids[batch.items.image_rows].tolist()
@@ -166,7 +176,7 @@ def test_empty_title(data):
 ])
 def test_unknown_item_or_too_short_user(data, items, kind, problem):
     rewrite_train(data, {5: items})
-    with pytest.raises(DataError, match=rf"shard\.00000\.mds: sample 5 \(user 5\): {problem}"):
+    with pytest.raises(DataError, match=rf"shard\.00000\.mds: sample 0 \(user 5\): {problem}"):
         make_loader(data, "stop")
     loader = make_loader(data, "skip", workers=1)
     assert loader.found == {}  # found while training, not before
@@ -198,8 +208,9 @@ def test_shard_with_another_checksum(data, damage):
         make_loader(data, "stop")
     loader = make_loader(data, "skip")
     assert loader.found == {"bad_shard": 1}
-    first = index[0]["samples"]
-    assert_skipped_exactly(data, epoch(loader), set(range(first, first + index[1]["samples"])), loader, "bad_shard")
+    first, count = index[0]["samples"] * USERS_PER_SAMPLE, index[1]["samples"]  # full samples: USERS_PER_SAMPLE users
+    assert_skipped_exactly(data, epoch(loader), set(range(first, first + count * USERS_PER_SAMPLE)), loader,
+                           "bad_shard", records=count)
 
 
 def test_what_cannot_be_skipped_stops_with_either_policy(data):
@@ -215,11 +226,12 @@ def test_unreadable_sample_is_skipped(data):
     shard = data / "train" / "shard.00000.mds"
     payload = bytearray(shard.read_bytes())
     begin = int(np.frombuffer(payload, np.uint32, 1, offset=4 * (1 + 9))[0])  # sample 9
-    payload[begin + 4] = 0xFF  # its items' header: 63 dimensions
+    payload[begin + 12] = 0xFF  # after its 3 columns' sizes, the items' header: 63 dimensions
     shard.write_bytes(bytes(payload))
     loader = make_loader(data, "skip", verify="size")
     batches = epoch(loader)
-    assert_skipped_exactly(data, batches, {9}, loader, "unreadable")
+    block = set(range(9 * USERS_PER_SAMPLE, 10 * USERS_PER_SAMPLE))
+    assert_skipped_exactly(data, batches, block, loader, "unreadable", records=1)
 
 
 def test_a_batch_of_only_bad_samples_is_not_a_step(data):

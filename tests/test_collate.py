@@ -19,8 +19,7 @@ def store(tiny_dataset) -> ItemStore:
 
 @pytest.fixture(scope="module")
 def train_samples(tiny_dataset) -> list[dict]:
-    shards = _ShardedSequences(tiny_dataset / "train")
-    return [{**shards[i], "sample_id": i} for i in range(len(shards))]
+    return list(_ShardedSequences(tiny_dataset / "train"))
 
 
 def test_every_item_once_and_rows_scatter_back(store, train_samples):
@@ -42,8 +41,7 @@ def test_every_item_once_and_rows_scatter_back(store, train_samples):
         assert not np.isin(negatives, sample["items"]).any()  # the whole train sequence, not just the window
         used |= set(window) | set(negatives.ravel())
     assert used == set(ids)  # nothing encoded that no position uses
-    assert batch.users.tolist() == [s["user"] for s in samples]
-    assert batch.sample_ids.tolist() == list(range(10, 26))
+    assert batch.users.tolist() == [s["user"] for s in samples] == list(range(10, 26))
 
 
 def test_modality_split(store, train_samples):
@@ -92,13 +90,13 @@ def test_collate_eval_targets_history_seen_and_padding():
 
 
 def test_random_windows_are_contiguous_reproducible_and_move_across_epochs():
-    from transrec.dataloading.collate import choose_window, sample_rng
+    from transrec.dataloading.collate import choose_window, sequence_rng
 
     sequence = np.arange(100, 160)
-    windows = {epoch: choose_window(sequence, 11, sample_rng(5, epoch, 3), "random") for epoch in range(6)}
+    windows = {epoch: choose_window(sequence, 11, sequence_rng(5, epoch, 3), "random") for epoch in range(6)}
     for window in windows.values():
         assert len(window) == 11 and np.array_equal(window, np.arange(window[0], window[0] + 11))
-    assert np.array_equal(windows[0], choose_window(sequence, 11, sample_rng(5, 0, 3), "random"))
+    assert np.array_equal(windows[0], choose_window(sequence, 11, sequence_rng(5, 0, 3), "random"))
     assert len({int(w[-1]) for w in windows.values()}) > 1  # not always the most recent items
-    assert np.array_equal(choose_window(sequence, 11, sample_rng(5, 0, 3), "last"), sequence[-11:])
-    assert np.array_equal(choose_window(sequence[:7], 11, sample_rng(5, 0, 3), "random"), sequence[:7])
+    assert np.array_equal(choose_window(sequence, 11, sequence_rng(5, 0, 3), "last"), sequence[-11:])
+    assert np.array_equal(choose_window(sequence[:7], 11, sequence_rng(5, 0, 3), "random"), sequence[:7])

@@ -46,7 +46,7 @@ def test_parts_written_in_parallel_are_one_data_set(tmp_path):
 
     loader = TrainLoader(DataConfig(loader_workers=0, on_bad_record="stop"), data, batch_size=32, max_seq_len=8,
                          num_negatives=1, seed=0, rank=0, world_size=1, decoder=None)
-    assert sorted(i for batch in loader for i in batch.sample_ids.tolist()) == list(range(250))
+    assert sorted(i for batch in loader for i in batch.users.tolist()) == list(range(250))
     loader.close()
     gc.collect()
 
@@ -56,8 +56,10 @@ def test_cli_microlens_shape_and_workers(tmp_path):
 
     out = tmp_path / "ml"
     assert main(["prepare", "synthetic", "--out", str(out), "--users", "200", "--items", "150", "--microlens",
-                 "--workers", "2"]) == 0
-    params = json.loads((out / "manifest.json").read_text())["params"]
+                 "--workers", "2", "--users-per-sample", "4"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["users_per_sample"] == 4 and len(_ShardedSequences(out / "train")) == 200 // 4
+    params = manifest["params"]
     assert {k: params[k] for k in MICROLENS} == MICROLENS
     lengths = [len(s["items"]) for s in _ShardedSequences(out / "eval")]
     assert len(lengths) == 200 and min(lengths) >= 5 and max(lengths) > 50  # beyond the default max_len

@@ -109,3 +109,10 @@ def test_truncated_or_missing_file_is_named(dataset_copy):
     (dataset_copy / "manifest.json").unlink()
     with pytest.raises(DatasetFileError, match=r"manifest\.json: missing"):
         ItemStore(dataset_copy)
+
+
+def test_a_data_set_of_another_format_is_named(dataset_copy):
+    manifest = json.loads((dataset_copy / "manifest.json").read_text())
+    (dataset_copy / "manifest.json").write_text(json.dumps({**manifest, "format": 1}))
+    with pytest.raises(DatasetFileError, match=r"manifest\.json: format 1, this transrec reads format 2: prepare"):
+        ItemStore(dataset_copy)

@@ -10,11 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY
 
 from transrec.cluster.embedded import free_port
 from transrec.config import DataConfig
 from transrec.dataloading.images import ImageDecodeError, ImageDecoder
 from transrec.dataloading.loader import EvalLoader, TrainLoader, _ShardedSequences
+from transrec.dataloading.prepare import USERS_PER_SAMPLE
+from transrec.dataloading.synthetic import prepare_synthetic
 
 BATCH, MAX_SEQ_LEN, NEGATIVES = 16, 6, 2
 REPO = Path(__file__).parents[1]
@@ -37,19 +40,26 @@ def fingerprint(batch) -> list[tuple]:
     """Per sequence: its id and the global ids of its negatives (what resumption must reproduce)."""
     ids = batch.items.ids
     return [(int(s), tuple(ids[batch.negatives[row][batch.history_mask[row]]].flatten().tolist()))
-            for row, s in enumerate(batch.sample_ids)]
+            for row, s in enumerate(batch.users)]
 
 
 def test_one_epoch_covers_every_sequence_once_with_images(tiny_dataset):
     loader = make_loader(tiny_dataset, decoder=ImageDecoder(16, backend="dali"))
     batches = list(loader)
     assert len(batches) == len(loader) == 8  # 120 sequences / 16
-    ids = [i for b in batches for i in b.sample_ids.tolist()]
+    ids = [i for b in batches for i in b.users.tolist()]
     assert sorted(ids) == list(range(120)) and ids != sorted(ids)  # all once, shuffled
     for batch in batches:
         assert batch.items.images.shape == (len(batch.items.image_rows), 3, 16, 16)
-    assert loader.state_dict()["samples_in_epoch"] == 120 and list(loader) == []  # the epoch is done
+    assert loader.state_dict()["samples_in_epoch"] == 120 // USERS_PER_SAMPLE and list(loader) == []  # all done
     loader.close()
+
+
+def test_batch_size_is_a_multiple_of_the_sequences_per_sample(tiny_dataset):
+    with pytest.raises(ValueError, match=rf"batch size 12 is not a multiple of users_per_sample={USERS_PER_SAMPLE}, "
+                                         rf"the train sequences per sample of .*manifest\.json"):
+        TrainLoader(DataConfig(), tiny_dataset, batch_size=12, max_seq_len=MAX_SEQ_LEN, num_negatives=NEGATIVES,
+                    seed=3, rank=0, world_size=1, decoder=None)
 
 
 def test_jobs_on_one_machine_register_streaming_shared_memory_in_turn(tiny_dataset):
@@ -79,7 +89,7 @@ def test_epochs_reshuffle_deterministically(tiny_dataset):
         orders = []
         for epoch in (0, 1):
             loader.set_epoch(epoch)
-            orders.append([i for b in loader for i in b.sample_ids.tolist()])
+            orders.append([i for b in loader for i in b.users.tolist()])
         loader.close()
         return orders
 
@@ -102,7 +112,7 @@ def test_resume_yields_exactly_the_rest_of_the_epoch(tiny_dataset):
         if len(taken) == 3:
             break
     state = loader.state_dict()
-    assert state["epoch"] == 1 and state["samples_in_epoch"] == 3 * BATCH
+    assert state["epoch"] == 1 and state["samples_in_epoch"] == 3 * BATCH // USERS_PER_SAMPLE
     loader.close()
 
     resumed = make_loader(tiny_dataset, workers=2)
@@ -142,14 +152,17 @@ from transrec.dataloading.loader import TrainLoader
 rank = int(sys.argv[2])
 loader = TrainLoader(DataConfig(loader_workers=1), sys.argv[1], batch_size=16, max_seq_len=6, num_negatives=1,
                      seed=0, rank=rank, world_size=2, decoder=None)
-print(json.dumps({"len": len(loader), "batches": [b.sample_ids.tolist() for b in loader]}))
+print(json.dumps({"len": len(loader), "batches": [b.users.tolist() for b in loader]}))
 """
 
 
-def test_two_ranks_read_disjoint_parts_covering_all(tiny_dataset):
+def test_two_ranks_read_disjoint_parts_covering_all(tmp_path):
+    """128 users: 16 train samples, 8 per rank (with an odd count streaming would repeat one to even them)."""
+    data = tmp_path / "data"
+    prepare_synthetic(data, **{**TINY, "users": 128})
     env = {**os.environ, "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(free_port()), "PYTHONPATH": str(REPO)}
-    ranks = [subprocess.Popen([sys.executable, "-c", RANK_SCRIPT, str(tiny_dataset), str(rank)],
+    ranks = [subprocess.Popen([sys.executable, "-c", RANK_SCRIPT, str(data), str(rank)],
                               env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}, cwd=REPO,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
     try:
@@ -161,7 +174,7 @@ def test_two_ranks_read_disjoint_parts_covering_all(tiny_dataset):
     results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
     parts = [[i for batch in r["batches"] for i in batch] for r in results]
     assert not set(parts[0]) & set(parts[1])
-    assert sorted(parts[0] + parts[1]) == list(range(120))
+    assert sorted(parts[0] + parts[1]) == list(range(128))
     assert [len(r["batches"]) for r in results] == [r["len"] for r in results] == [4, 4]
 
 

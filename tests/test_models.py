@@ -99,7 +99,6 @@ def make_batch(sequences: list[list[int]], T: int, k: int = 1, seed: int = 0, as
         targets=targets,
         target_mask=mask.clone(),
         negatives=negs,
-        sample_ids=torch.arange(B),
     )
 
 

@@ -80,7 +80,8 @@ def test_spread_over_two_nodes_checkpoint_in_s3_holds_every_shard_and_resumes(tw
     assert json.loads((tmp_path / "runs" / "two" / "results.json").read_text())["steps"] == 3
 
     # export reads the checkpoint from the bucket: a download checked against the manifest, then consolidated
-    assert main(["export", "--run", str(tmp_path / "runs" / "two"), "--out", str(tmp_path / "export")]) == 0
+    assert main(["export", "--run", str(tmp_path / "runs" / "two"), "--out", str(tmp_path / "export"),
+                 "--tag", "step3"]) == 0
     manifest = json.loads((tmp_path / "export" / "manifest.json").read_text())
     assert manifest["tag"] == "step3"
     assert manifest["checkpoint_bytes"] == sum(f["bytes"] for f in json.loads(stored("step3/manifest.json"))["files"].values())

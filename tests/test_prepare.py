@@ -13,7 +13,10 @@ from conftest import ML100K, TINY
 from transrec.dataloading import prepare as prepare_module
 from transrec.dataloading.batch import IMAGE, TEXT
 from transrec.dataloading.loader import _ShardedSequences
-from transrec.dataloading.prepare import SPLIT_RULE, DataError, load_tokenizer, prepare_movielens, sha256_file
+from transrec.dataloading.prepare import (
+    SPLIT_RULE, USERS_PER_SAMPLE, DataError, load_tokenizer, pack_sequences, prepare_movielens, sha256_file,
+    unpack_sequences,
+)
 from transrec.dataloading.synthetic import TOPIC_WORDS, make_world, prepare_synthetic
 
 ITEM_HEADER = "item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq\n"
@@ -29,8 +32,7 @@ def write_source(root: Path, interactions: list[str], items: list[str] = ITEMS) 
 
 
 def sequences(dataset: Path, split: str) -> list[np.ndarray]:
-    shards = _ShardedSequences(dataset / split)
-    rows = [shards[i] for i in range(len(shards))]
+    rows = list(_ShardedSequences(dataset / split))
     assert [int(r["user"]) for r in rows] == list(range(len(rows)))
     return [r["items"] for r in rows]
 
@@ -181,6 +183,26 @@ def test_failure_leaves_nothing_and_existing_dir_is_kept(tmp_path, monkeypatch):
     second = prepare_movielens(src, out, image_fraction=1.0, overwrite=True)
     assert second["modality_counts"] == {"text": 0, "image": 4}
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["out"]
+
+
+def test_train_samples_are_blocks_of_users(tiny_dataset, ml100k_dataset):
+    """Synthetic data: USERS_PER_SAMPLE train sequences per sample, in user order; MovieLens: one."""
+    train = _ShardedSequences(tiny_dataset / "train")
+    assert len(train) == 120 // USERS_PER_SAMPLE
+    sequences = list(train)
+    assert [s["user"] for s in sequences] == list(range(120))
+    assert [s["sample_id"] for s in sequences] == [user // USERS_PER_SAMPLE for user in range(120)]
+    for sequence, whole in zip(sequences, _ShardedSequences(tiny_dataset / "eval")):
+        np.testing.assert_array_equal(sequence["items"], whole["items"][:-2])
+    assert json.loads((tiny_dataset / "manifest.json").read_text())["users_per_sample"] == USERS_PER_SAMPLE
+    assert len(_ShardedSequences(ml100k_dataset / "train")) == 943
+
+
+def test_a_block_that_does_not_add_up_is_an_error():
+    block = pack_sequences([4, 5], [np.array([1, 2]), np.array([3])])
+    assert [(s["user"], s["items"].tolist()) for s in unpack_sequences(block)] == [(4, [1, 2]), (5, [3])]
+    with pytest.raises(ValueError, match="2 users, 2 lengths summing to 3, 2 items"):
+        unpack_sequences({**block, "items": block["items"][:2]})
 
 
 def test_synthetic_is_deterministic_and_seeds_are_domains(tiny_dataset, tmp_path):

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from transrec.dataloading.prepare import USERS_PER_SAMPLE
 from transrec.trainer.audit import read_audit
 from transrec.trainer.checkpoint import consolidated_state_dict
 from transrec.trainer.checkpoint_store import CheckpointStore
@@ -79,7 +80,8 @@ def test_resume_mid_epoch_is_bit_identical(runs, stage, precision):
     reference = runs(f"ref{stage}{precision}", stage, f"train.precision={precision}")
     name = stopped_copy(runs, stage, f"resumed{stage}{precision}", precision)
     state = torch.load(reference.parent / name / "checkpoints" / f"step{STOP}" / "rank0_state.pt", weights_only=True)
-    assert state["epoch"] == 1 and state["loader"]["samples_in_epoch"] == 16  # 1 of the epoch's 3 steps done
+    # 1 of the epoch's 3 steps done: 16 sequences, in train samples of USERS_PER_SAMPLE
+    assert state["epoch"] == 1 and state["loader"]["samples_in_epoch"] == 16 // USERS_PER_SAMPLE
     resumed = runs(name, stage, f"train.precision={precision}", resume=True)
 
     assert len(losses(reference)) == STEPS

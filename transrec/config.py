@@ -81,7 +81,7 @@ class ModelConfig:
 class TrainConfig:
     epochs: int = 5
     max_steps: int = 0  # stop after this many optimizer steps in total; 0 = run all epochs
-    batch_size: int = 32  # sequences per rank per step
+    batch_size: int = 32  # sequences per rank per step; a multiple of the data set's users_per_sample
     lr: float = 1e-3
     encoder_lr: float = 1e-4  # learning rate of pretrained item-encoder bodies (random-init ones train at lr)
     weight_decay: float = 0.01
@@ -94,7 +94,7 @@ class TrainConfig:
     checkpoint_every: int = 0  # optimizer steps between checkpoints; 0 = at the end of each epoch only
     keep_checkpoints: int = 3
     log_every: int = 10
-    log_sample_ids: bool = False  # audit: RUN/samples/rank<r>.jsonl records (step, epoch, sample ids) per batch
+    log_sample_ids: bool = False  # audit: RUN/samples/rank<r>.jsonl records (step, epoch, users) per batch
     # which weights train (mostly for fine-tuning, with init_from): "" = as model.*.trainable_blocks say;
     # full = every weight; top_k = each tower's top finetune_blocks blocks and all the rest; adapters = only
     # bottleneck adapters (adapter_dim wide) after every user-encoder layer and each tower's top finetune_blocks

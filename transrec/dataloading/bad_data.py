@@ -8,13 +8,14 @@ Before training (TrainLoader's constructor):
   bytes or bytes that are not a JPEG for the image tower. With "skip", a sample that holds such an item
   is skipped and negatives are never drawn from them.
 - with "stop" only, every train sequence of a local dataset: an item id outside the catalogue, or fewer
-  than MIN_TRAIN_ITEMS items (nothing to predict).
+  than MIN_TRAIN_ITEMS items (nothing to predict), and every train sample that does not decode.
 With "stop", anything found stops here, before the first step, with a DataError listing what was found.
 
 While training, with either policy (the pre-flight check cannot see everything: a remote dataset's
-shards, a JPEG whose body is corrupt), nothing raises because of one record: a sample that cannot be read,
-lies in a bad shard, holds an unknown or bad item or is too short is dropped from its batch; an image that
-neither the decoder nor PIL can decode is replaced by a blank one (zeros, the normalized mean). Each is a
+shards, a JPEG whose body is corrupt), nothing raises because of one record: a train sample (a block of
+sequences, prepare.py) that cannot be read or lies in a bad shard is dropped from its batch (one record for
+the sample); a sequence that holds an unknown or bad item or is too short is dropped (one record for it); an
+image that neither the decoder nor PIL can decode is replaced by a blank one (zeros, the normalized mean). Each is a
 BadRecord naming its file and record, logged (the first MAX_LOGGED of each kind per epoch) and counted in
 TrainLoader.skipped. Evaluation encodes every item, bad ones too: an image that does not decode is logged
 and shown blank (ItemStore.item_batch).
@@ -34,8 +35,9 @@ POLICIES = ("skip", "stop")
 MIN_TRAIN_ITEMS = 2  # a sample trains on (history, next item) pairs: it needs two items
 MAX_LOGGED = 5  # records logged per kind per epoch; the rest are only counted
 MAX_LISTED = 20  # records listed in a stop's message
-# What TrainLoader.skipped counts: samples dropped, by reason, but "blank_image" (images replaced) and
-# "empty_batch" (batches whose every sample was bad, replaced by the previous batch).
+# What TrainLoader.skipped counts: samples ("bad_shard", "unreadable") or sequences (the others) dropped, by
+# reason, but "blank_image" (images replaced) and "empty_batch" (batches whose every sequence was bad,
+# replaced by the previous batch).
 SAMPLE_KINDS = ("bad_shard", "unreadable", "unknown_item", "too_short", "empty_title", "missing_image", "not_a_jpeg")
 KINDS = (*SAMPLE_KINDS, "blank_image", "empty_batch")
 JPEG_START = (0xFF, 0xD8)
@@ -104,7 +106,8 @@ def find_bad_items(store: ItemStore, mode: str) -> tuple[BadItems, list[BadRecor
 
 
 def check_sample(sample: dict, num_items: int, bad_items: BadItems) -> BadRecord | None:
-    """The problem of one train sample {"user", "items", "sample_id", "file"?}, or None if it is usable."""
+    """The problem of one train sequence {"user", "items", "sample_id", "file"?} (or of its sample, "bad"), or
+    None if it is usable."""
     if "bad" in sample:  # set by the reader: an unreadable sample, or one in a bad shard
         return sample["bad"]
     items = np.asarray(sample["items"])

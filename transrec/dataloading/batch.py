@@ -31,15 +31,15 @@ class ItemBatch:
 @dataclass
 class Batch:
     items: ItemBatch
-    users: torch.Tensor  # int64 [B]: user indices
+    users: torch.Tensor  # int64 [B]: user indices (each names one train sequence)
     history: torch.Tensor  # int64 [B, T]: rows into items.ids; left-padded, padding = 0
     history_mask: torch.Tensor  # bool [B, T]: True where history holds an item
     targets: torch.Tensor  # int64 [B, T]: row of the item that follows each history position
     target_mask: torch.Tensor  # bool [B, T]: True where a position has a target to predict
     negatives: torch.Tensor  # int64 [B, T, K]: rows of sampled negatives (K may be 0)
-    sample_ids: torch.Tensor  # int64 [B]: index of each sequence in its shard set (for audits)
-    # bad_data.BadRecord of every sample dropped from this batch and every image blanked in it
+    # bad_data.BadRecord of every sequence or sample dropped from this batch and every image blanked in it
     skipped: list = field(default_factory=list)
+    stream_samples: int = 0  # train samples (blocks of sequences) this batch was made of: the loader's step
 
     def to(self, device: torch.device | str) -> "Batch":
         return _to(self, device)

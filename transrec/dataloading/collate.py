@@ -26,9 +26,9 @@ def pad_sequences(sequences: list[np.ndarray], fill: int = 0, left: bool = True,
     return padded, mask
 
 
-def sample_rng(seed: int, epoch: int, sample_id: int) -> np.random.Generator:
-    """A sample's window and negatives depend on nothing else, so a resumed run draws the same ones."""
-    return np.random.default_rng([seed, epoch, sample_id])
+def sequence_rng(seed: int, epoch: int, user: int) -> np.random.Generator:
+    """A sequence's window and negatives depend on nothing else, so a resumed run draws the same ones."""
+    return np.random.default_rng([seed, epoch, user])
 
 
 def choose_window(sequence: np.ndarray, length: int, rng: np.random.Generator, window: str) -> np.ndarray:
@@ -58,10 +58,10 @@ def sample_negatives(seen: np.ndarray, count: int, num_items: int, rng: np.rando
 
 def collate_train(samples: list[dict], store: ItemStore, max_seq_len: int, num_negatives: int, seed: int,
                   epoch: int, mode: str = "mom", window: str = "last", bad_items: BadItems = NO_BAD_ITEMS) -> Batch:
-    """Samples {"user", "items", "sample_id"} -> Batch with JPEGs but undecoded images; `mode` routes items
+    """Sequences {"user", "items", "sample_id"} -> Batch with JPEGs but undecoded images; `mode` routes items
     to encoders (ItemStore.item_batch).
 
-    A bad sample (bad_data.check_sample) is left out, its BadRecord in `Batch.skipped`. Each sequence keeps
+    A bad sequence (bad_data.check_sample) is left out, its BadRecord in `Batch.skipped`. Each sequence keeps
     a window of max_seq_len + 1 items (see `choose_window`): history = window[:-1], targets = window[1:].
     Negatives are drawn per target position from the items the user's whole train sequence lacks, never
     from `bad_items`.
@@ -69,7 +69,7 @@ def collate_train(samples: list[dict], store: ItemStore, max_seq_len: int, num_n
     checks = [check_sample(s, store.num_items, bad_items) for s in samples]
     samples = [s for s, problem in zip(samples, checks) if problem is None]
     sequences = [np.asarray(s["items"], np.int64) for s in samples]
-    rngs = [sample_rng(seed, epoch, int(s["sample_id"])) for s in samples]
+    rngs = [sequence_rng(seed, epoch, int(s["user"])) for s in samples]
     windows = [choose_window(seq, max_seq_len + 1, rng, window) for seq, rng in zip(sequences, rngs)]
     history, mask = pad_sequences([w[:-1] for w in windows])
     targets, _ = pad_sequences([w[1:] for w in windows])
@@ -93,14 +93,14 @@ def collate_train(samples: list[dict], store: ItemStore, max_seq_len: int, num_n
         targets=rows(targets, mask),
         target_mask=torch.from_numpy(mask.copy()),
         negatives=rows(negatives, mask[..., None]),
-        sample_ids=torch.tensor([int(s["sample_id"]) for s in samples], dtype=torch.int64),
         skipped=[problem for problem in checks if problem is not None],
     )
 
 
 @dataclass
 class TrainCollator:
-    """collate_train with its settings bound: a picklable collate_fn for DataLoader workers."""
+    """collate_train with its settings bound: a picklable collate_fn for DataLoader workers, which takes the
+    train samples of a batch, each a list of sequences (a block, loader.read_sequences)."""
 
     store: ItemStore
     max_seq_len: int
@@ -111,9 +111,12 @@ class TrainCollator:
     window: str
     bad_items: BadItems = NO_BAD_ITEMS
 
-    def __call__(self, samples: list[dict]) -> Batch:
-        return collate_train(samples, self.store, self.max_seq_len, self.num_negatives, self.seed, self.epoch,
-                             self.mode, self.window, self.bad_items)
+    def __call__(self, samples: list[list[dict]]) -> Batch:
+        sequences = [sequence for block in samples for sequence in block]
+        batch = collate_train(sequences, self.store, self.max_seq_len, self.num_negatives, self.seed, self.epoch,
+                              self.mode, self.window, self.bad_items)
+        batch.stream_samples = len(samples)
+        return batch
 
 
 def collate_eval(samples: list[dict], split: str, max_seq_len: int, num_rows: int) -> EvalBatch:

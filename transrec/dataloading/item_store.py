@@ -10,7 +10,7 @@ import torch
 
 from transrec.dataloading.batch import IMAGE, TEXT, ItemBatch
 from transrec.dataloading.images import ImageDecoder, decode_or_blank
-from transrec.dataloading.prepare import MANIFEST, sha256_file
+from transrec.dataloading.prepare import FORMAT_VERSION, MANIFEST, sha256_file
 
 log = logging.getLogger("transrec.data")
 ITEM_ARRAYS = ("modality", "tokens", "token_lengths", "image_offsets", "popularity")
@@ -28,7 +28,11 @@ def read_manifest(root: str | Path) -> dict:
     path = Path(root) / MANIFEST
     if not path.is_file():
         raise DatasetFileError(f"{path}: missing (not a dataset directory written by transrec prepare?)")
-    return json.loads(path.read_text())
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != FORMAT_VERSION:
+        raise DatasetFileError(f"{path}: format {manifest.get('format')}, this transrec reads format "
+                               f"{FORMAT_VERSION}: prepare the data set again")
+    return manifest
 
 
 def size_problem(size: int, expected: int) -> str | None:

@@ -20,6 +20,7 @@ import queue
 import tempfile
 import threading
 from collections import Counter
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -31,13 +32,13 @@ from torch.utils.data import DataLoader
 
 from transrec.config import DataConfig
 from transrec.dataloading.bad_data import (
-    NO_BAD_ITEMS, SAMPLE_KINDS, BadRecord, BadRecordLog, check_policy, check_sample, find_bad_items, log, stop,
+    NO_BAD_ITEMS, BadRecord, BadRecordLog, check_policy, check_sample, find_bad_items, log, stop,
 )
 from transrec.dataloading.batch import Batch, EvalBatch
 from transrec.dataloading.collate import HELD_OUT, TrainCollator, collate_eval
 from transrec.dataloading.images import ImageDecoder, decode_or_blank
 from transrec.dataloading.item_store import ITEM_MODES, DatasetFileError, ItemStore, read_manifest
-from transrec.dataloading.prepare import MANIFEST, MIN_INTERACTIONS, DataError
+from transrec.dataloading.prepare import MANIFEST, MIN_INTERACTIONS, DataError, unpack_sequences
 
 STREAMED_SPLIT = "train/"  # a remote dataset's train shards stream; every other file is fetched up front
 
@@ -92,27 +93,34 @@ def shm_registration_turn() -> Iterator[None]:
 
 
 class _SequenceShards(StreamingDataset):
-    """The train shards; each sample also carries its global index (negatives are seeded by it) and its file.
-    A sample of a shard in `bad_shards` is not read, and one that cannot be read raises nothing: both come as
-    {"sample_id", "bad": BadRecord}, for the collate to skip."""
+    """The train shards, whose samples are blocks of sequences (prepare.py). A sample comes as the list of its
+    sequences {"user", "items", "sample_id", "file"}; one in a shard of `bad_shards` is not read, and one that
+    cannot be read raises nothing: both come as [{"sample_id", "bad": BadRecord}], for the collate to skip."""
 
     files: list[str] = []  # per shard, for messages
     bad_shards: dict[int, str] = {}  # shard index -> what is wrong with it
 
-    def get_item(self, sample_id: int, retry: int = 7) -> dict[str, Any]:
+    def get_item(self, sample_id: int, retry: int = 7) -> list[dict[str, Any]]:
         shard, _ = self.spanner[sample_id]
-        file, record = self.files[shard], f"sample {sample_id}"
+        file = self.files[shard]
         if shard in self.bad_shards:
-            return {"sample_id": int(sample_id), "bad": BadRecord("bad_shard", file, record, self.bad_shards[shard])}
-        try:
-            sample = super().get_item(sample_id, retry)
-        except RuntimeError:
-            raise  # streaming's own failure (a shard it cannot fetch, a dead thread): not one record's
-        except Exception as err:  # the bytes of this sample do not decode
-            bad = BadRecord("unreadable", file, record, f"cannot be read: {err!r}")
-            return {"sample_id": int(sample_id), "bad": bad}
-        sample.update(sample_id=int(sample_id), file=file)
-        return sample
+            bad = BadRecord("bad_shard", file, f"sample {sample_id}", self.bad_shards[shard])
+            return [{"sample_id": int(sample_id), "bad": bad}]
+        return read_sequences(partial(StreamingDataset.get_item, self, sample_id, retry), sample_id, file)
+
+
+def read_sequences(read: Callable[[], dict], sample_id: int, file: str) -> list[dict]:
+    """The sequences {"user", "items", "sample_id", "file"} of the sample `read()` returns (a train sample
+    holds a block of them, an eval sample one), or [{"sample_id", "bad": BadRecord}] if it does not decode."""
+    try:
+        sample = read()
+        sequences = unpack_sequences(sample) if "users" in sample else [sample]
+    except RuntimeError:
+        raise  # streaming's own failure (a shard it cannot fetch, a dead thread): not one record's
+    except Exception as err:  # the bytes of this sample do not decode
+        bad = BadRecord("unreadable", file, f"sample {sample_id}", f"cannot be read: {err!r}")
+        return [{"sample_id": int(sample_id), "bad": bad}]
+    return [{**sequence, "sample_id": int(sample_id), "file": file} for sequence in sequences]
 
 
 _END = object()
@@ -193,11 +201,12 @@ class TrainLoader:
         streamed = (STREAMED_SPLIT,) if is_remote(dataset_dir) else ()
         tolerated = (STREAMED_SPLIT,) if self.policy == "skip" else ()  # a bad train shard is skipped
         self.store = ItemStore(self.local_dir, verify=verify, unverified=streamed, tolerate=tolerated)
+        self.blocks_per_batch = self._blocks_per_batch(batch_size)
         remote = f"{str(dataset_dir).rstrip('/')}/train" if is_remote(dataset_dir) else None
         nodes = int(os.environ["WORLD_SIZE"]) // int(os.environ["LOCAL_WORLD_SIZE"])
         with shm_registration_turn():
             self._stream = _SequenceShards(remote=remote, local=str(self.local_dir / "train"), shuffle=True,
-                                           shuffle_seed=data_cfg.shuffle_seed, batch_size=batch_size,
+                                           shuffle_seed=data_cfg.shuffle_seed, batch_size=self.blocks_per_batch,
                                            num_canonical_nodes=nodes)
         self._check_data(scan_sequences=remote is None)
         self._bad = BadRecordLog()
@@ -205,6 +214,14 @@ class TrainLoader:
         self._samples_in_epoch = 0  # handed out in this epoch by all ranks (ranks step in lockstep)
         # the shuffle's shape, fixed by the run that started the training (streaming's default for py1e)
         self._canonical_nodes, self._initial_nodes = nodes, nodes
+
+    def _blocks_per_batch(self, batch_size: int) -> int:
+        """Train samples per batch: each holds the manifest's `users_per_sample` sequences (prepare.py)."""
+        users_per_sample = self.store.manifest["users_per_sample"]
+        if batch_size % users_per_sample:
+            raise ValueError(f"batch size {batch_size} is not a multiple of users_per_sample={users_per_sample}, "
+                             f"the train sequences per sample of {self.local_dir / MANIFEST}")
+        return batch_size // users_per_sample
 
     def _check_data(self, scan_sequences: bool) -> None:
         """The pre-flight check (bad_data.py): stops with on_bad_record=stop, else sets up the skipping."""
@@ -236,7 +253,7 @@ class TrainLoader:
 
     def __len__(self) -> int:
         """Batches per epoch on this rank."""
-        return math.ceil(self._stream.length / self.batch_size)
+        return math.ceil(self._stream.length / self.blocks_per_batch)
 
     @property
     def epoch_finished(self) -> bool:
@@ -278,13 +295,13 @@ class TrainLoader:
         collator = TrainCollator(self.store, self.max_seq_len, self.num_negatives, self.seed, self.epoch,
                                  self.mode, self.data_cfg.train_window, self.bad_items)
         workers = self.data_cfg.loader_workers
-        batches = DataLoader(self._stream, batch_size=self.batch_size, num_workers=workers, collate_fn=collator)
+        batches = DataLoader(self._stream, batch_size=self.blocks_per_batch, num_workers=workers,
+                             collate_fn=collator)
         prefetcher = _Prefetcher(iter(batches), self._decode_images, self.prefetch_batches)
         previous = None
         try:
             for batch in prefetcher:
-                dropped = sum(record.kind in SAMPLE_KINDS for record in batch.skipped)
-                self._samples_in_epoch += (len(batch.users) + dropped) * self.world_size
+                self._samples_in_epoch += batch.stream_samples * self.world_size
                 for record in batch.skipped:
                     self._bad.add(record)
                 if len(batch.users) == 0:
@@ -324,10 +341,10 @@ class TrainLoader:
 
 
 class _ShardedSequences:
-    """Random access to the sequences of an MDS split without StreamingDataset (no partitioning, no shared
-    memory), so that any number of evaluation loaders may be open at once. Iterating reads shard by shard,
-    each shard file at once, and yields samples with their "sample_id" and "file"; a sample that cannot be
-    decoded comes as {"sample_id", "bad": BadRecord}."""
+    """An MDS split without StreamingDataset (no partitioning, no shared memory), so that any number of
+    evaluation loaders may be open at once. Iterating reads shard by shard, each shard file at once, and
+    yields the sequences of every sample (see `read_sequences`); indexing returns sample `i` as stored (an
+    eval sample is one sequence)."""
 
     def __init__(self, split_dir: Path):
         self.split_dir = Path(split_dir)
@@ -341,13 +358,8 @@ class _ShardedSequences:
             data = Path(file).read_bytes()
             offsets = np.frombuffer(data, np.uint32, shard.samples + 1, offset=4)
             for i in range(shard.samples):
-                try:
-                    sample = shard.decode_sample(data[offsets[i]:offsets[i + 1]])
-                except Exception as err:
-                    bad = BadRecord("unreadable", file, f"sample {start + i}", f"cannot be read: {err!r}")
-                    yield {"sample_id": int(start + i), "bad": bad}
-                    continue
-                yield {**sample, "sample_id": int(start + i), "file": file}
+                sample = partial(shard.decode_sample, data[offsets[i]:offsets[i + 1]])
+                yield from read_sequences(sample, start + i, file)
 
     def __len__(self) -> int:
         return int(self._starts[-1])
@@ -369,7 +381,7 @@ class EvalLoader:
         local_dir = local_dataset_dir(dataset_dir, cache_dir)
         self._sequences = _ShardedSequences(local_dir / "eval")
         self.num_items = read_manifest(local_dir)["num_items"]
-        self._mine = np.arange(rank, len(self._sequences), world_size)
+        self._mine = range(rank, len(self._sequences), world_size)  # O(1), however many users
         self._rows_per_rank = math.ceil(len(self._sequences) / world_size)  # the most any rank has
 
     def __len__(self) -> int:

@@ -10,9 +10,15 @@ DIR/items/image_offsets.npy  int64 [N+1]: item i's JPEG = images.bin[off[i]:off[
 DIR/items/images.bin         concatenated JPEG bytes
 DIR/items/popularity.npy     int64 [N]: occurrences of each item in the train part of all sequences
 DIR/items/items.jsonl        {"index", "source_id", "text", "modality"} per item, for humans
-DIR/train/                   MDS shards {"user", "items"}: each sequence minus its last two items
+DIR/train/                   MDS shards of blocks {"users", "lengths", "items"}: up to `users_per_sample`
+                             sequences per sample, each minus its last two items, concatenated
 DIR/eval/                    MDS shards {"user", "items"}: the full sequence (valid = items[-2], test = items[-1])
 ```
+A train sample holds a block of sequences because streaming's per-epoch partition and shuffle are int64 arrays
+over all samples, built in every loader worker: blocks divide that memory (at 1B interactions, 35M users are
+4.4M samples of 8). The users of a block (consecutive users of the source) always share a batch. Evaluation
+reads its split by user, without streaming: one sequence per sample.
+
 Sequences written in parallel (`SequenceWriter` per part, in other processes) lie in `train/partNNNNN/` and
 `eval/partNNNNN/`, each a shard set of its own, joined by one `index.json` per split (streaming's merge_index).
 A directory appears complete or not at all: it is built in a temp dir beside DIR and renamed into place.
@@ -38,12 +44,14 @@ from transrec.dataloading import resolve_pretrained_path
 from transrec.dataloading.batch import IMAGE, TEXT
 from transrec.dataloading.posters import SHAPES, render_poster, tag_color
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: train samples are blocks of sequences
 MIN_INTERACTIONS = 3  # train needs one item, valid and test one each
 SPLIT_RULE = (
     "leave-one-out by timestamp (stable): train = all but last two, valid = second to last, test = last"
 )
-SEQUENCE_COLUMNS = {"user": "int64", "items": "ndarray:int64"}
+TRAIN_COLUMNS = {"users": "ndarray:int64", "lengths": "ndarray:int64", "items": "ndarray:int64"}
+EVAL_COLUMNS = {"user": "int64", "items": "ndarray:int64"}
+USERS_PER_SAMPLE = 8  # train sequences per sample of a large data set (synthetic's default)
 SHARD_SIZE_LIMIT = "64mb"
 TOKENIZE_CHUNK = 4096  # items tokenized per call: bounds memory for large catalogues
 POPULARITY_BATCH = 10_000  # sequences whose items are counted together
@@ -86,14 +94,37 @@ def choose_modalities(num_items: int, image_fraction: float, seed: int) -> np.nd
     return modality
 
 
+def pack_sequences(users: list[int], sequences: list[np.ndarray]) -> dict:
+    """A train sample: a block of users' sequences."""
+    return {"users": np.asarray(users, np.int64), "lengths": np.array([len(s) for s in sequences], np.int64),
+            "items": np.concatenate(sequences).astype(np.int64, copy=False)}
+
+
+def unpack_sequences(sample: dict) -> list[dict]:
+    """A train sample -> its sequences {"user", "items"}, each with the sample's other keys (its id, its file)."""
+    shared = {key: value for key, value in sample.items() if key not in TRAIN_COLUMNS}
+    ends = np.cumsum(sample["lengths"])
+    if len(sample["users"]) != len(ends) or (len(ends) and ends[-1] != len(sample["items"])):
+        raise ValueError(f"{len(sample['users'])} users, {len(ends)} lengths summing to "
+                         f"{ends[-1] if len(ends) else 0}, {len(sample['items'])} items")
+    return [{**shared, "user": int(user), "items": items}
+            for user, items in zip(sample["users"], np.split(sample["items"], ends[:-1]))]
+
+
 class SequenceWriter:
     """Writes users' chronological sequences (item indices) as MDS shards: `train/PART` gets each sequence
-    minus its last two items, `eval/PART` all of it. Counts what it wrote; `part` "" = the split itself."""
+    minus its last two items, `users_per_sample` to a sample; `eval/PART` all of it, one per sample. Counts
+    what it wrote; `part` "" = the split itself."""
 
-    def __init__(self, root: Path, num_items: int, part: str = "", first_user: int = 0):
-        self.train, self.eval = (MDSWriter(out=str(Path(root) / split / part), columns=SEQUENCE_COLUMNS,
-                                           size_limit=SHARD_SIZE_LIMIT) for split in ("train", "eval"))
+    def __init__(self, root: Path, num_items: int, part: str = "", first_user: int = 0, users_per_sample: int = 1):
+        if users_per_sample < 1:
+            raise ValueError(f"users_per_sample must be 1 or more, got {users_per_sample}")
+        self.train, self.eval = (MDSWriter(out=str(Path(root) / split / part), columns=columns,
+                                           size_limit=SHARD_SIZE_LIMIT)
+                                 for split, columns in (("train", TRAIN_COLUMNS), ("eval", EVAL_COLUMNS)))
         self.part, self.num_items, self.first_user = part, num_items, first_user
+        self.users_per_sample = users_per_sample
+        self._block: tuple[list[int], list[np.ndarray]] = ([], [])  # train sequences of the next sample
         self.num_users = self.num_interactions = self.short_users = 0
         self.popularity = np.zeros(num_items, np.int64)
         self._counted: list[np.ndarray] = []  # train items not yet in popularity (bincount in bulk: faster)
@@ -106,15 +137,23 @@ class SequenceWriter:
             return False
         if items.min() < 0 or items.max() >= self.num_items:
             raise ValueError(f"sequence holds an item outside 0..{self.num_items - 1} (write_items first)")
-        train = items[:-2]
-        self.train.write({"user": self.first_user + self.num_users, "items": train})
-        self.eval.write({"user": self.first_user + self.num_users, "items": items})
+        user, train = self.first_user + self.num_users, items[:-2]
+        self._block[0].append(user)
+        self._block[1].append(train)
+        if len(self._block[0]) == self.users_per_sample:
+            self._write_block()
+        self.eval.write({"user": user, "items": items})
         self._counted.append(train)
         if len(self._counted) >= POPULARITY_BATCH:
             self._count_popularity()
         self.num_users += 1
         self.num_interactions += len(items)
         return True
+
+    def _write_block(self) -> None:
+        if self._block[0]:
+            self.train.write(pack_sequences(*self._block))
+            self._block = ([], [])
 
     def _count_popularity(self) -> None:
         if self._counted:
@@ -123,6 +162,7 @@ class SequenceWriter:
 
     def close(self) -> dict:
         """Finishes the shards (and their index.json); returns the counts, as DatasetWriter.add_part takes them."""
+        self._write_block()
         self.train.finish()
         self.eval.finish()
         self._count_popularity()
@@ -139,8 +179,10 @@ class DatasetWriter:
     finished temp dir to `out`. On an exception the temp dir is removed and `out` is untouched.
     """
 
-    def __init__(self, out: str | Path, tokenizer: str, max_text_len: int, overwrite: bool = False):
+    def __init__(self, out: str | Path, tokenizer: str, max_text_len: int, overwrite: bool = False,
+                 users_per_sample: int = 1):
         self.out = Path(out).absolute()
+        self.users_per_sample = users_per_sample
         self.overwrite = overwrite
         self._check_target()
         self.tokenizer_name = tokenizer
@@ -212,11 +254,12 @@ class DatasetWriter:
         if self._sequences is None:
             if self._parts:
                 raise ValueError("add_sequence after add_part: a dataset is written one way or the other")
-            self._sequences = SequenceWriter(self.tmp, self.num_items)
+            self._sequences = SequenceWriter(self.tmp, self.num_items, users_per_sample=self.users_per_sample)
         return self._sequences.add(items)
 
     def add_part(self, counts: dict) -> None:
-        """Takes a part written by `SequenceWriter(self.tmp, num_items, part, first_user)` (its close() result)."""
+        """Takes a part written by `SequenceWriter(self.tmp, num_items, part, first_user, users_per_sample)` (its
+        close() result)."""
         if self._sequences is not None or not counts["part"]:
             raise ValueError("add_part takes named parts, and no add_sequence beside them")
         self._parts.append(counts["part"])
@@ -253,6 +296,7 @@ class DatasetWriter:
             "num_users": self.num_users,
             "num_items": self.num_items,
             "num_interactions": self.num_interactions,
+            "users_per_sample": self.users_per_sample,
             "modality_counts": self._modality_counts,
             "tokenizer": self.tokenizer_name,
             "max_text_len": self.max_text_len,
@@ -453,12 +497,13 @@ def split_domain(movies: list[Movie], sequences: list[np.ndarray], domain: str, 
 
 def prepare_movielens(src: str | Path, out: str | Path, image_fraction: float = 0.0, skip_bad_rows: bool = False,
                       max_text_len: int = 32, tokenizer: str = "minilm", overwrite: bool = False,
-                      image_size: int = 96, seed: int = 0, domain: str = "") -> dict:
+                      image_size: int = 96, seed: int = 0, domain: str = "", users_per_sample: int = 1) -> dict:
     """MovieLens in RecBole atomic files (`*.inter`, `*.item` in `src`) -> dataset directory `out`.
 
     Item text = "Title (Year) Genre1 Genre2". A seeded share `image_fraction` of the items become image
     items whose JPEG is a poster rendered from their metadata. With `domain` "a" or "b", only that one of
-    two domains with disjoint users and items (see split_domain). Returns the manifest.
+    two domains with disjoint users and items (see split_domain). One user per train sample by default: at
+    this size streaming's per-sample arrays cost nothing, and the shuffle is per user. Returns the manifest.
     """
     src = Path(src)
     inter_path, item_path = _find_one(src, ".inter"), _find_one(src, ".item")
@@ -467,7 +512,7 @@ def prepare_movielens(src: str | Path, out: str | Path, image_fraction: float = 
     sequences = _read_sequences(inter_path, {m.source_id: i for i, m in enumerate(movies)}, problems)
     movies, sequences = split_domain(movies, sequences, domain, seed)
     modality = choose_modalities(len(movies), image_fraction, seed)
-    with DatasetWriter(out, tokenizer, max_text_len, overwrite) as writer:
+    with DatasetWriter(out, tokenizer, max_text_len, overwrite, users_per_sample) as writer:
         writer.write_items(_movie_records(movies, modality, image_size), len(movies))
         for sequence in sequences:
             writer.add_sequence(sequence)

@@ -14,7 +14,8 @@ nothing is shared, yet what a model learns on one (topic words, topic looks, top
 Scale: users are drawn in parts of `users_per_part`, part p from its own seed (seed, p), vectorized over the
 part's users, so the data set depends on neither the number of processes nor their order, and memory is
 bounded by one part per process. With `workers` > 1, a forked process pool renders the posters and writes
-each part as its own MDS shard set (prepare.SequenceWriter), joined by one index per split.
+each part as its own MDS shard set (prepare.SequenceWriter), joined by one index per split. Train samples
+hold `users_per_sample` sequences each (prepare.py says why).
 """
 from __future__ import annotations
 
@@ -28,7 +29,9 @@ import numpy as np
 
 from transrec.dataloading.batch import IMAGE
 from transrec.dataloading.posters import RGB, SHAPES, render_poster, tag_color
-from transrec.dataloading.prepare import TOKENIZE_CHUNK, DatasetWriter, ItemRecord, SequenceWriter, choose_modalities
+from transrec.dataloading.prepare import (
+    TOKENIZE_CHUNK, USERS_PER_SAMPLE, DatasetWriter, ItemRecord, SequenceWriter, choose_modalities,
+)
 
 TOPIC_WORDS: dict[str, tuple[str, ...]] = {  # real English words, so that the tokenizer sees real tokens
     "sports": tuple("football goal team coach stadium match league player score ball season champion".split()),
@@ -218,8 +221,9 @@ def _init_worker(model: UserModel) -> None:
 
 def _write_part(args: tuple) -> dict:
     """Draws part `part` and writes it as its own shard set under `root`; returns SequenceWriter.close()."""
-    root, part, count, num_items, users_per_part = args
-    writer = SequenceWriter(root, num_items, part=f"part{part:05d}", first_user=part * users_per_part)
+    root, part, count, num_items, users_per_part, users_per_sample = args
+    writer = SequenceWriter(root, num_items, part=f"part{part:05d}", first_user=part * users_per_part,
+                            users_per_sample=users_per_sample)
     for sequence in _USER_MODEL.users(part, count):
         writer.add(sequence)
     return writer.close()
@@ -229,7 +233,7 @@ def prepare_synthetic(out: str | Path, users: int = 2000, items: int = 1000, see
                       image_fraction: float = 0.5, min_len: int = 5, max_len: int = 50, topics: int = 16,
                       max_text_len: int = 32, tokenizer: str = "minilm", overwrite: bool = False,
                       image_size: int = 96, length_exponent: float = 0.0, workers: int = 1,
-                      users_per_part: int = USERS_PER_PART) -> dict:
+                      users_per_part: int = USERS_PER_PART, users_per_sample: int = USERS_PER_SAMPLE) -> dict:
     """Generates a data set of `users` sequences over `items` items into `out`. Returns the manifest.
 
     Sequence lengths: p(L) ~ L^-length_exponent on min_len..max_len (0: uniform), capped at `items` (no item
@@ -244,7 +248,7 @@ def prepare_synthetic(out: str | Path, users: int = 2000, items: int = 1000, see
     parts = [(part, min(users_per_part, users - start)) for part, start in enumerate(range(0, users, users_per_part))]
     # forked before the tokenizer (and its threads) exist in this process; the workers inherit the model
     pool = multiprocessing.get_context("fork").Pool(workers, _init_worker, (model,)) if workers > 1 else nullcontext()
-    with pool, DatasetWriter(out, tokenizer, max_text_len, overwrite) as writer:
+    with pool, DatasetWriter(out, tokenizer, max_text_len, overwrite, users_per_sample) as writer:
         imap = pool.imap if workers > 1 else map
         chunk = TOKENIZE_CHUNK
         chunks = [(first, catalogue.texts[first:first + chunk], catalogue.topic[first:first + chunk],
@@ -256,7 +260,8 @@ def prepare_synthetic(out: str | Path, users: int = 2000, items: int = 1000, see
         else:
             if workers == 1:
                 _init_worker(model)
-            for counts in imap(_write_part, [(writer.tmp, p, n, items, users_per_part) for p, n in parts]):
+            for counts in imap(_write_part, [(writer.tmp, p, n, items, users_per_part, users_per_sample)
+                                             for p, n in parts]):
                 writer.add_part(counts)
         return writer.commit(
             name=f"synthetic-seed{seed}", source="synthetic", synthetic_images=True, image_fraction=image_fraction,

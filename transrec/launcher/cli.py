@@ -9,6 +9,7 @@ from pathlib import Path
 
 from transrec.config import ConfigError, load_config
 from transrec.dataloading.item_store import DatasetFileError
+from transrec.dataloading.prepare import USERS_PER_SAMPLE
 from transrec.launcher import cluster_commands
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no model hub here: encoders come from config or local paths
@@ -48,9 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     synthetic.add_argument("--microlens", action="store_true",
                            help="MicroLens' history lengths: 5..500, exponent 1.8 (overrides the three above)")
     synthetic.add_argument("--workers", type=int, default=1, help="processes writing parts in parallel")
-    for sub in (movielens, synthetic):
+    for sub, users_per_sample in ((movielens, 1), (synthetic, USERS_PER_SAMPLE)):
         sub.add_argument("--out", required=True, type=Path)
         sub.add_argument("--overwrite", action="store_true")
+        sub.add_argument("--users-per-sample", type=int, default=users_per_sample,
+                         help="train sequences per streaming sample; train batch sizes must be multiples of it")
 
     pretrain = commands.add_parser("pretrain", help="train a model on the cluster")
     add_config_args(pretrain)
@@ -92,12 +95,14 @@ def command_prepare(args) -> None:
 
     if args.source == "movielens":
         manifest = prepare_movielens(args.src, args.out, image_fraction=args.image_fraction,
-                                     skip_bad_rows=args.skip_bad_rows, overwrite=args.overwrite, domain=args.domain)
+                                     skip_bad_rows=args.skip_bad_rows, overwrite=args.overwrite, domain=args.domain,
+                                     users_per_sample=args.users_per_sample)
     else:
         lengths = {"min_len": args.min_len, "max_len": args.max_len, "length_exponent": args.length_exponent}
         manifest = prepare_synthetic(args.out, users=args.users, items=args.items, seed=args.seed,
                                      image_fraction=args.image_fraction, overwrite=args.overwrite,
-                                     workers=args.workers, **(MICROLENS if args.microlens else lengths))
+                                     workers=args.workers, users_per_sample=args.users_per_sample,
+                                     **(MICROLENS if args.microlens else lengths))
     summary = {k: manifest[k] for k in ("num_users", "num_items", "num_interactions", "modality_counts", "skipped")}
     print(f"wrote {args.out}: {json.dumps(summary)}")
 

@@ -1,8 +1,9 @@
-"""Sample-id audit: which training samples each rank consumed, at which optimizer step, in which process.
+"""Sample-id audit: which train sequences each rank consumed, at which optimizer step, in which process.
 
 With `train.log_sample_ids: true`, rank r appends to RUN/samples/rank<r>.jsonl one line when it starts,
 {"event": "start", "pid", "rank", "step", "epoch"} (step/epoch: where it resumed, 0 for a fresh run), and one
-per batch it trained on, {"step", "epoch", "pid", "ids"} (step = the optimizer step the batch produced). A
+per batch it trained on, {"step", "epoch", "pid", "ids"} (ids: the batch's users, each the id of one train
+sequence; step = the optimizer step the batch produced). A
 checkpoint tagged step N holds every batch with step <= N: after a restart, the batches a killed process
 recorded after the checkpoint it resumed from are replayed, and a reader drops them by their step.
 Each line is one O_APPEND write, so a killed process leaves at most its last line incomplete.
@@ -40,9 +41,9 @@ class SampleAudit:
                         self._write_raw(b"\n")
             self._write({"event": "start", "pid": self.pid, "rank": self.rank, "step": step, "epoch": epoch})
 
-    def batch(self, step: int, epoch: int, sample_ids) -> None:
+    def batch(self, step: int, epoch: int, users) -> None:
         if self.enabled:
-            self._write({"step": step, "epoch": epoch, "pid": self.pid, "ids": [int(i) for i in sample_ids]})
+            self._write({"step": step, "epoch": epoch, "pid": self.pid, "ids": [int(i) for i in users]})
 
 
 def read_audit(path: str | Path) -> list[dict]:

@@ -156,7 +156,7 @@ def train(cfg: Config) -> dict:
                 engine.backward(loss)
             engine.step()
             state["step"] += 1
-            audit.batch(state["step"], state["epoch"], batch.sample_ids.tolist())
+            audit.batch(state["step"], state["epoch"], batch.users.tolist())
             window.add(batch.users.shape[0] * world, batch.items.ids.shape[0] * world)
             log.step(loss.item())
             if state["step"] % cfg.train.log_every == 0:
