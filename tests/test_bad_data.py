@@ -15,11 +15,10 @@ from test_prepare import ITEMS, write_source
 from transrec.config import DataConfig
 from transrec.dataloading.batch import IMAGE, TEXT
 from transrec.dataloading.images import ImageDecoder
-from transrec.dataloading.item_store import DatasetFileError, ItemStore
+from transrec.dataloading.dataset_format import USERS_PER_SAMPLE, DataError, DatasetFileError
+from transrec.dataloading.item_store import ItemStore
 from transrec.dataloading.loader import EvalLoader, TrainLoader, _ShardedSequences
-from transrec.dataloading.prepare import (
-    EVAL_COLUMNS, TRAIN_COLUMNS, USERS_PER_SAMPLE, DataError, describe_files, pack_sequences, prepare_movielens,
-)
+from transrec.dataloading.prepare import EVAL_COLUMNS, TRAIN_COLUMNS, describe_files, pack_sequences, prepare_movielens
 
 BATCH = 16
 

@@ -11,7 +11,8 @@ import torch
 from conftest import flip_last_byte
 from transrec.dataloading.batch import IMAGE, TEXT
 from transrec.dataloading.images import ImageDecoder
-from transrec.dataloading.item_store import DatasetFileError, ItemStore
+from transrec.dataloading.dataset_format import DatasetFileError
+from transrec.dataloading.item_store import ItemStore
 from transrec.dataloading.prepare import load_tokenizer
 
 

@@ -13,9 +13,9 @@ from conftest import ML100K, TINY
 from transrec.dataloading import prepare as prepare_module
 from transrec.dataloading.batch import IMAGE, TEXT
 from transrec.dataloading.loader import _ShardedSequences
+from transrec.dataloading.dataset_format import USERS_PER_SAMPLE, DataError
 from transrec.dataloading.prepare import (
-    SPLIT_RULE, USERS_PER_SAMPLE, DataError, load_tokenizer, pack_sequences, prepare_movielens, sha256_file,
-    unpack_sequences,
+    SPLIT_RULE, load_tokenizer, pack_sequences, prepare_movielens, sha256_file, unpack_sequences,
 )
 from transrec.dataloading.synthetic import TOPIC_WORDS, make_world, prepare_synthetic
 

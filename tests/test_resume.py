@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from transrec.dataloading.prepare import USERS_PER_SAMPLE
+from transrec.dataloading.dataset_format import USERS_PER_SAMPLE
 from transrec.trainer.audit import read_audit
 from transrec.trainer.checkpoint import consolidated_state_dict
 from transrec.trainer.checkpoint_store import CheckpointStore

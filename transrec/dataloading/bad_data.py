@@ -29,7 +29,8 @@ from pathlib import Path
 import numpy as np
 
 from transrec.dataloading.item_store import ItemStore, log
-from transrec.dataloading.prepare import DataError, load_tokenizer
+from transrec.dataloading.dataset_format import DataError
+from transrec.dataloading.prepare import load_tokenizer
 
 POLICIES = ("skip", "stop")
 MIN_TRAIN_ITEMS = 2  # a sample trains on (history, next item) pairs: it needs two items

@@ -10,7 +10,8 @@ import torch
 
 from transrec.dataloading.batch import IMAGE, TEXT, ItemBatch
 from transrec.dataloading.images import ImageDecoder, decode_or_blank
-from transrec.dataloading.prepare import FORMAT_VERSION, MANIFEST, sha256_file
+from transrec.dataloading.dataset_format import FORMAT_VERSION, MANIFEST, DatasetFileError
+from transrec.dataloading.prepare import sha256_file
 
 log = logging.getLogger("transrec.data")
 ITEM_ARRAYS = ("modality", "tokens", "token_lengths", "image_offsets", "popularity")
@@ -18,10 +19,6 @@ VERIFY_MODES = ("full", "size")
 # Which encoder gets an item (= model.item_encoder): by its modality, every item as text, every item as an
 # image, or none (an ID table needs only `ids`).
 ITEM_MODES = ("mom", "text", "image", "id")
-
-
-class DatasetFileError(RuntimeError):
-    """A file of a dataset directory is missing or differs from what the manifest recorded."""
 
 
 def read_manifest(root: str | Path) -> dict:

@@ -37,8 +37,9 @@ from transrec.dataloading.bad_data import (
 from transrec.dataloading.batch import Batch, EvalBatch
 from transrec.dataloading.collate import HELD_OUT, TrainCollator, collate_eval
 from transrec.dataloading.images import ImageDecoder, decode_or_blank
-from transrec.dataloading.item_store import ITEM_MODES, DatasetFileError, ItemStore, read_manifest
-from transrec.dataloading.prepare import MANIFEST, MIN_INTERACTIONS, DataError, unpack_sequences
+from transrec.dataloading.dataset_format import MANIFEST, DataError, DatasetFileError
+from transrec.dataloading.item_store import ITEM_MODES, ItemStore, read_manifest
+from transrec.dataloading.prepare import MIN_INTERACTIONS, unpack_sequences
 
 STREAMED_SPLIT = "train/"  # a remote dataset's train shards stream; every other file is fetched up front
 

@@ -42,24 +42,18 @@ from streaming.base.util import merge_index
 
 from transrec.dataloading import resolve_pretrained_path
 from transrec.dataloading.batch import IMAGE, TEXT
+from transrec.dataloading.dataset_format import FORMAT_VERSION, MANIFEST, DataError
 from transrec.dataloading.posters import SHAPES, render_poster, tag_color
 
-FORMAT_VERSION = 2  # 2: train samples are blocks of sequences
 MIN_INTERACTIONS = 3  # train needs one item, valid and test one each
 SPLIT_RULE = (
     "leave-one-out by timestamp (stable): train = all but last two, valid = second to last, test = last"
 )
 TRAIN_COLUMNS = {"users": "ndarray:int64", "lengths": "ndarray:int64", "items": "ndarray:int64"}
 EVAL_COLUMNS = {"user": "int64", "items": "ndarray:int64"}
-USERS_PER_SAMPLE = 8  # train sequences per sample of a large data set (synthetic's default)
 SHARD_SIZE_LIMIT = "64mb"
 TOKENIZE_CHUNK = 4096  # items tokenized per call: bounds memory for large catalogues
 POPULARITY_BATCH = 10_000  # sequences whose items are counted together
-MANIFEST = "manifest.json"
-
-
-class DataError(ValueError):
-    """Bad input data; the message names the file and the 1-based line."""
 
 
 @dataclass

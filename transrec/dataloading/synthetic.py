@@ -29,9 +29,8 @@ import numpy as np
 
 from transrec.dataloading.batch import IMAGE
 from transrec.dataloading.posters import RGB, SHAPES, render_poster, tag_color
-from transrec.dataloading.prepare import (
-    TOKENIZE_CHUNK, USERS_PER_SAMPLE, DatasetWriter, ItemRecord, SequenceWriter, choose_modalities,
-)
+from transrec.dataloading.dataset_format import USERS_PER_SAMPLE
+from transrec.dataloading.prepare import TOKENIZE_CHUNK, DatasetWriter, ItemRecord, SequenceWriter, choose_modalities
 
 TOPIC_WORDS: dict[str, tuple[str, ...]] = {  # real English words, so that the tokenizer sees real tokens
     "sports": tuple("football goal team coach stadium match league player score ball season champion".split()),

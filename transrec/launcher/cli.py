@@ -8,8 +8,7 @@ import sys
 from pathlib import Path
 
 from transrec.config import ConfigError, load_config
-from transrec.dataloading.item_store import DatasetFileError
-from transrec.dataloading.prepare import USERS_PER_SAMPLE
+from transrec.dataloading.dataset_format import USERS_PER_SAMPLE, DatasetFileError
 from transrec.launcher import cluster_commands
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no model hub here: encoders come from config or local paths
