@@ -16,7 +16,7 @@ DIR/eval/                    MDS shards {"user", "items"}: the full sequence (va
 ```
 A train sample holds a block of sequences because streaming's per-epoch partition and shuffle are int64 arrays
 over all samples, built in every loader worker: blocks divide that memory (at 1B interactions, 35M users are
-4.4M samples of 8). The users of a block (consecutive users of the source) always share a batch. Evaluation
+4.3M samples of 8). The users of a block (consecutive users of the source) always share a batch. Evaluation
 reads its split by user, without streaming: one sequence per sample.
 
 Sequences written in parallel (`SequenceWriter` per part, in other processes) lie in `train/partNNNNN/` and
