@@ -39,8 +39,8 @@ MAX_LISTED = 20  # records listed in a stop's message
 # What TrainLoader.skipped counts: samples ("bad_shard", "unreadable") or sequences (the others) dropped, by
 # reason, but "blank_image" (images replaced) and "empty_batch" (batches whose every sequence was bad,
 # replaced by the previous batch).
-SAMPLE_KINDS = ("bad_shard", "unreadable", "unknown_item", "too_short", "empty_title", "missing_image", "not_a_jpeg")
-KINDS = (*SAMPLE_KINDS, "blank_image", "empty_batch")
+KINDS = ("bad_shard", "unreadable", "unknown_item", "too_short", "empty_title", "missing_image", "not_a_jpeg",
+         "blank_image", "empty_batch")
 JPEG_START = (0xFF, 0xD8)
 
 

@@ -194,7 +194,7 @@ class TrainLoader:
         if mode not in ITEM_MODES:
             raise ValueError(f"item mode must be one of {ITEM_MODES}, got {mode!r}")
         _use_rank(rank, world_size)
-        self.data_cfg, self.batch_size, self.max_seq_len = data_cfg, batch_size, max_seq_len
+        self.data_cfg, self.max_seq_len = data_cfg, max_seq_len
         self.num_negatives, self.seed, self.world_size = num_negatives, seed, world_size
         self.decoder, self.mode, self.prefetch_batches = decoder, mode, prefetch_batches
         self.policy = check_policy(data_cfg.on_bad_record)

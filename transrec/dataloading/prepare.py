@@ -95,13 +95,12 @@ def pack_sequences(users: list[int], sequences: list[np.ndarray]) -> dict:
 
 
 def unpack_sequences(sample: dict) -> list[dict]:
-    """A train sample -> its sequences {"user", "items"}, each with the sample's other keys (its id, its file)."""
-    shared = {key: value for key, value in sample.items() if key not in TRAIN_COLUMNS}
+    """A train sample -> its sequences {"user", "items"}."""
     ends = np.cumsum(sample["lengths"])
     if len(sample["users"]) != len(ends) or (len(ends) and ends[-1] != len(sample["items"])):
         raise ValueError(f"{len(sample['users'])} users, {len(ends)} lengths summing to "
                          f"{ends[-1] if len(ends) else 0}, {len(sample['items'])} items")
-    return [{**shared, "user": int(user), "items": items}
+    return [{"user": int(user), "items": items}
             for user, items in zip(sample["users"], np.split(sample["items"], ends[:-1]))]
 
 
