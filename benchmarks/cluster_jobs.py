@@ -3,7 +3,7 @@
     python benchmarks/cluster_jobs.py [--repeats 3] [--users 96] [--out benchmarks/cluster_jobs.json]
 
 Starts its own embedded cluster (a private state dir, torn down at the end), prepares a synthetic data set,
-and submits `configs/tiny.yaml` jobs through `transrec.cluster.jobs` with `train.log_sample_ids=true`, so
+and submits `tiny` jobs through `transrec.cluster.jobs` with `train.log_sample_ids=true`, so
 each phase is read from the run's own files:
 - submit -> job RUNNING (the entrypoint started: runtime env set up), -> every rank's `start` audit record
   (Ray Train workers up, model built, DeepSpeed initialized, checkpoint looked for), -> the first batch
@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 from transrec.cluster import embedded, jobs  # noqa: E402
 from transrec.trainer.audit import read_audit  # noqa: E402
 
-CONFIG = str(ROOT / "configs" / "tiny.yaml")
+CONFIG = "tiny"
 
 
 def load() -> float:
@@ -100,7 +100,7 @@ def main() -> None:
 
     data = work / "data"
     prepare_synthetic(data, users=args.users, items=40, seed=0)
-    results: dict = {"users": args.users, "config": "configs/tiny.yaml", "load_start": load()}
+    results: dict = {"users": args.users, "config": "tiny", "load_start": load()}
     t = time.monotonic()
     state = embedded.up(work / "state", num_cpus=4)
     results["cluster_up_s"] = time.monotonic() - t

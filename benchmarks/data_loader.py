@@ -1,10 +1,10 @@
 """The data path's numbers: loader throughput vs the trainer's demand, peak RSS vs data set size, DALI vs PIL,
 and how much the batch-level item dedup saves.
 
-    python benchmarks/data_loader.py throughput --config configs/movielens.yaml --run runs/ml-100k-mom
+    python benchmarks/data_loader.py throughput --config ml100k-mom --run runs/ml-100k-mom
     python benchmarks/data_loader.py rss data/bench-gen/syn-1e06 data/bench-gen/syn-1e07 [--max-sequences N]
     python benchmarks/data_loader.py decode --data data/ml-100k-mom
-    python benchmarks/data_loader.py dedup --config configs/movielens.yaml data/ml-100k-mom data/bench-gen/syn-1e06
+    python benchmarks/data_loader.py dedup --config ml100k-mom data/ml-100k-mom data/bench-gen/syn-1e06
 
 Each prints JSON lines. Loader numbers are the loader alone (no model beside it), one rank, world size 1.
 """
@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from transrec.config import load_config
-from transrec.dataloading.batch import IMAGE
+from transrec.batch import IMAGE
 from transrec.dataloading.images import ImageDecoder
 from transrec.dataloading.item_store import ItemStore
 from transrec.dataloading.loader import TrainLoader
@@ -57,7 +57,7 @@ def throughput(args) -> None:
     demand = trainer_demand(Path(args.run)) if args.run else None
     print_json({"trainer_demand": demand})
     for workers in args.workers:
-        loader = make_loader(cfg, data, workers, ImageDecoder(cfg.data.image_size, args.backend))
+        loader = make_loader(cfg, data, workers, ImageDecoder(cfg.model.image.image_size, args.backend))
         image_share = float((loader.store.modality == IMAGE).mean())
         sequences = images = items = 0
         batches = iter(loader)
@@ -72,7 +72,7 @@ def throughput(args) -> None:
         batches.close()
         loader.close()
         record = {"data": data, "loader_workers": workers, "decoder": args.backend, "batch_size": cfg.train.batch_size,
-                  "image_size": cfg.data.image_size, "batches": args.batches, "sequences_per_s": sequences / seconds,
+                  "image_size": cfg.model.image.image_size, "batches": args.batches, "sequences_per_s": sequences / seconds,
                   "images_per_s": images / seconds, "distinct_items_per_s": items / seconds,
                   "sequences_per_s_per_worker": sequences / seconds / max(workers, 1),
                   "images_per_s_per_worker": images / seconds / max(workers, 1), "image_item_share": image_share}
@@ -193,7 +193,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("throughput")
-    p.add_argument("--config", default="configs/movielens.yaml")
+    p.add_argument("--config", default="ml100k-mom")
     p.add_argument("--data", help="default: the config's data.path")
     p.add_argument("--run", help="a run of the same config, for the trainer's demand (its metrics.jsonl)")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
@@ -203,13 +203,13 @@ def main() -> None:
     p.set_defaults(func=throughput)
     p = commands.add_parser("rss")
     p.add_argument("data", nargs="+")
-    p.add_argument("--config", default="configs/movielens.yaml")
+    p.add_argument("--config", default="ml100k-mom")
     p.add_argument("--policies", nargs="+", default=["skip", "stop"])
     p.add_argument("--max-sequences", type=int, default=0, help="stop each read after this many (0: the epoch)")
     p.set_defaults(func=rss)
     p = commands.add_parser("read-epoch")
     p.add_argument("data")
-    p.add_argument("--config", default="configs/movielens.yaml")
+    p.add_argument("--config", default="ml100k-mom")
     p.add_argument("--policy", default="skip")
     p.add_argument("--max-sequences", type=int, default=0)
     p.set_defaults(func=read_epoch)
@@ -222,7 +222,7 @@ def main() -> None:
     p.set_defaults(func=decode)
     p = commands.add_parser("dedup")
     p.add_argument("data", nargs="+")
-    p.add_argument("--config", default="configs/movielens.yaml")
+    p.add_argument("--config", default="ml100k-mom")
     p.add_argument("--batches", type=int, default=50)
     p.add_argument("--batch-size", type=int, help="default: the config's")
     p.set_defaults(func=dedup)

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from transrec.dataloading.batch import EvalBatch
+from transrec.batch import EvalBatch
 from transrec.trainer.evaluate import target_ranks
 from transrec.trainer.metrics import add_sums, metric_sums
 
@@ -32,27 +32,32 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256, help="users per scoring batch (eval.batch_size)")
     parser.add_argument("--chunk", type=int, default=65536, help="items scored at a time")
     parser.add_argument("--history", type=int, default=50)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
 
-    generator = torch.Generator().manual_seed(0)
+    device = torch.device(args.device)
+    generator = torch.Generator(device).manual_seed(0)
     before = peak_rss_gib()
-    items = torch.nn.functional.normalize(torch.randn(args.items, args.dim, generator=generator), dim=-1)
+    items = torch.nn.functional.normalize(torch.randn(args.items, args.dim, generator=generator, device=device), dim=-1)
     print(f"item matrix: {items.numel() * 4 / 2**30:.2f} GiB; peak RSS {before:.2f} -> {peak_rss_gib():.2f} GiB")
     sums: dict[str, float] = {}
     start = time.perf_counter()
     for first in range(0, args.users, args.batch):
         n = min(args.batch, args.users - first)
-        history = torch.randint(0, args.items, (n, args.history), generator=generator)
-        batch = EvalBatch(users=torch.arange(first, first + n), history=history,
-                          history_mask=torch.ones(n, args.history, dtype=torch.bool), seen=history,
-                          target=torch.randint(0, args.items, (n,), generator=generator),
-                          valid=torch.ones(n, dtype=torch.bool))
-        users = torch.nn.functional.normalize(torch.randn(n, args.dim, generator=generator), dim=-1)
+        history = torch.randint(0, args.items, (n, args.history), generator=generator, device=device)
+        batch = EvalBatch(users=torch.arange(first, first + n, device=device), history=history,
+                          history_mask=torch.ones(n, args.history, dtype=torch.bool, device=device), seen=history,
+                          target=torch.randint(0, args.items, (n,), generator=generator, device=device),
+                          valid=torch.ones(n, dtype=torch.bool, device=device))
+        users = torch.nn.functional.normalize(torch.randn(n, args.dim, generator=generator, device=device), dim=-1)
         add_sums(sums, metric_sums(target_ranks(users, items, batch, args.chunk), [10], batch.valid))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     elapsed = time.perf_counter() - start
     flops = 2 * args.users * args.items * args.dim
     print(f"{args.users} users x {args.items} items x {args.dim}: {elapsed:.1f} s, {args.users / elapsed:.0f} users/s, "
-          f"{flops / elapsed / 1e9:.0f} GFLOP/s (threads {torch.get_num_threads()}); peak RSS {peak_rss_gib():.2f} GiB; "
+          f"{flops / elapsed / 1e9:.0f} GFLOP/s ({args.device}, threads {torch.get_num_threads()}); peak RSS "
+          f"{peak_rss_gib():.2f} GiB; "
           f"random-vector hr@10 {sums['hr@10'] / args.users:.5f}")
 
 

@@ -5,7 +5,7 @@ The caches are filled first by encoding the whole catalogue once (as the first e
 `--steps` train steps (forward, backward, AdamW) are timed per setting, each from the same initial weights;
 their losses must agree bit for bit (the frozen parts are deterministic).
 
-    python benchmarks/frozen_cache.py --config configs/movielens.yaml --steps 6
+    python benchmarks/frozen_cache.py --config ml100k-mom --steps 6
 """
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ import torch
 
 from transrec.config import load_config
 from transrec.dataloading.images import ImageDecoder
-from transrec.dataloading.item_store import ItemStore, read_manifest
+from transrec.dataloading.dataset_format import read_manifest
+from transrec.dataloading.item_store import ItemStore
 from transrec.dataloading.loader import TrainLoader
 from transrec.trainer.evaluate import encode_catalogue
 from transrec.trainer.finetune import build_model
@@ -35,14 +36,14 @@ def timed_steps(cfg, batches: list, text: bool, image: bool) -> dict:
     optimizer = torch.optim.AdamW(model.param_groups(cfg.train.lr, cfg.train.encoder_lr, cfg.train.weight_decay))
     start = time.perf_counter()
     with torch.no_grad():
-        decoder = ImageDecoder(cfg.data.image_size, cfg.data.image_decoder)
+        decoder = ImageDecoder(cfg.model.image.image_size, cfg.data.image_decoder)
         encode_catalogue(model, ItemStore(cfg.data.path), decoder, cfg.eval.item_batch_size, torch.device("cpu"),
                          model.cfg.item_encoder)
     fill_s = time.perf_counter() - start
     losses, seconds = [], []
     for batch in batches:
         start = time.perf_counter()
-        loss = model(batch)
+        loss = model(batch).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -55,13 +56,13 @@ def timed_steps(cfg, batches: list, text: bool, image: bool) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default="configs/movielens.yaml")
+    parser.add_argument("--config", default="ml100k-mom")
     parser.add_argument("--steps", type=int, default=6)
     args = parser.parse_args()
     cfg = load_config(args.config)
     loader = TrainLoader(cfg.data, cfg.data.path, batch_size=cfg.train.batch_size, max_seq_len=cfg.model.max_seq_len,
                          num_negatives=cfg.data.num_negatives, seed=cfg.train.seed, rank=0, world_size=1,
-                         decoder=ImageDecoder(cfg.data.image_size, cfg.data.image_decoder), mode=cfg.model.item_encoder)
+                         decoder=ImageDecoder(cfg.model.image.image_size, cfg.data.image_decoder), mode=cfg.model.item_encoder)
     batches = [batch for _, batch in zip(range(args.steps), loader)]
     loader.close()
     dtype = torch.bfloat16 if use_bf16(cfg.train.precision) else torch.float32

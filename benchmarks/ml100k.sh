@@ -1,22 +1,27 @@
 #!/usr/bin/env bash
-# ml-100k: popularity vs ID vs text vs MoM (50% synthetic poster images), 2 Ray workers, ZeRO-2.
-# Each model is the same command with one config change. Usage: bash benchmarks/ml100k.sh [extra --set ...]
+# ml-100k, converged models over 3 seeds: popularity, ID (SASRec), two-stage text (frozen MiniLM, each item's
+# vector computed once), end-to-end text, MoM (half the items as SYNTHETIC posters). Each model is one preset,
+# ml100k-MODEL (transrec/configs/), early-stopped on valid NDCG@10; each seed changes the initial
+# weights, the negatives and the data order. Writes runs/ml100k-report.md (mean ± sd) and runs/ml100k-report.png.
+# Usage: bash benchmarks/ml100k.sh [MODEL ...]   (default: id twostage text mom; SEEDS="0 1 2")
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . .venv/bin/activate
 export PATH="$PWD/.venv/bin:$PATH"
 SRC=../shared/data/ml-100k
+SEEDS=${SEEDS:-0 1 2}
+MODELS=${*:-id twostage text mom}
 [ -f data/ml-100k-mom/manifest.json ] || transrec prepare movielens --src $SRC --out data/ml-100k-mom --image-fraction 0.5
 [ -f data/ml-100k-text/manifest.json ] || transrec prepare movielens --src $SRC --out data/ml-100k-text --image-fraction 0
-run() {  # name, then overrides
-  local name=$1; shift
-  rm -rf "runs/$name"
-  local start=$SECONDS
-  transrec pretrain --config configs/movielens.yaml --set name="$name" "$@" > "runs/$name.log" 2>&1
-  echo "$name wall_s=$((SECONDS - start))" | tee -a runs/ml100k-walltimes.txt
-}
 mkdir -p runs
-run ml-100k-mom "$@"
-run ml-100k-text --set data.path=data/ml-100k-text "$@"
-run ml-100k-id --set model.item_encoder=id "$@"
-python benchmarks/results_table.py runs/ml-100k-mom runs/ml-100k-text runs/ml-100k-id
+for model in $MODELS; do
+  for seed in $SEEDS; do
+    name=ml100k-$model-s$seed
+    rm -rf "runs/$name"
+    start=$SECONDS
+    transrec pretrain --config "ml100k-$model" --set name="$name" --set train.seed="$seed" \
+      --set data.shuffle_seed="$seed" > "runs/$name.log" 2>&1
+    echo "{\"name\": \"$name\", \"wall_s\": $((SECONDS - start))}" | tee -a runs/ml100k-walls.jsonl
+  done
+done
+python benchmarks/seeds_report.py --walls runs/ml100k-walls.jsonl --out runs/ml100k-report runs/ml100k-*-s[0-9]*

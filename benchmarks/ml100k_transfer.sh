@@ -21,11 +21,11 @@ timed() {  # name, then the command; its output goes to runs/NAME.log
 train() {  # pretrain|finetune, name, then overrides
   local command=$1 name=$2; shift 2
   rm -rf "runs/$name"
-  timed "$name" transrec "$command" --config configs/movielens.yaml --set name="$name" "$@"
+  timed "$name" transrec "$command" --config ml100k-mom --set name="$name" "$@"
 }
 train pretrain ml100k-a-pretrain --set data.path=data/ml-100k-a "$@"
 rm -rf exports/ml100k-a && transrec export --run runs/ml100k-a-pretrain --out exports/ml100k-a
-timed ml100k-b-zero-shot transrec evaluate --export exports/ml100k-a --data data/ml-100k-b --config configs/movielens.yaml
+timed ml100k-b-zero-shot transrec evaluate --export exports/ml100k-a --data data/ml-100k-b --config ml100k-mom
 sed -n '/^{/,$p' runs/ml100k-b-zero-shot.log > runs/ml100k-b-zero-shot.json
 for mode in full top_k adapters; do
   train finetune "ml100k-b-$mode" --from exports/ml100k-a --set data.path=data/ml-100k-b --set train.finetune_mode=$mode "$@"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Creates .venv if missing and installs transrec with its test extras (versions as measured in STACK.md).
+# Creates .venv if missing and installs transrec with its test extras (torch and torchvision pinned together).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ ! -x .venv/bin/python ]; then

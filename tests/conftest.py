@@ -56,7 +56,7 @@ def moto_s3(bucket: str = "transrec"):
     import boto3
     from moto.server import ThreadedMotoServer
 
-    from transrec.cluster.embedded import free_port
+    from transrec.network import free_port
 
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)

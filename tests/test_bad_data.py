@@ -12,13 +12,14 @@ from streaming import MDSWriter
 
 from conftest import flip_last_byte
 from test_prepare import ITEMS, write_source
-from transrec.config import DataConfig
-from transrec.dataloading.batch import IMAGE, TEXT
+from transrec.config import ConfigError, DataConfig, load_config
+from transrec.batch import IMAGE, TEXT
 from transrec.dataloading.images import ImageDecoder
 from transrec.dataloading.dataset_format import USERS_PER_SAMPLE, DataError, DatasetFileError
 from transrec.dataloading.item_store import ItemStore
 from transrec.dataloading.loader import EvalLoader, TrainLoader, _ShardedSequences
-from transrec.dataloading.prepare import EVAL_COLUMNS, TRAIN_COLUMNS, describe_files, pack_sequences, prepare_movielens
+from transrec.dataloading.prepare import EVAL_COLUMNS, TRAIN_COLUMNS, pack_sequences, prepare_movielens
+from transrec.fileio import describe_files
 
 BATCH = 16
 
@@ -216,8 +217,8 @@ def test_what_cannot_be_skipped_stops_with_either_policy(data):
     flip_last_byte(data / "items" / "tokens.npy")
     with pytest.raises(DatasetFileError, match=r"tokens\.npy: sha256 differs"):
         make_loader(data, "skip")
-    with pytest.raises(ValueError, match=r"data.on_bad_record must be one of \('skip', 'stop'\), got 'ignore'"):
-        make_loader(data, "ignore")
+    with pytest.raises(ConfigError, match=r"data.on_bad_record must be one of 'skip', 'stop', got 'ignore'"):
+        load_config(None, ["data.on_bad_record=ignore"])
 
 
 def test_unreadable_sample_is_skipped(data):

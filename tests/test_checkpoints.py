@@ -16,7 +16,7 @@ from transrec.trainer.checkpoint import CheckpointWarning, find_resume_point
 from transrec.trainer.checkpoint_store import CheckpointStore
 from transrec.trainer.torchrun_entry import launch
 
-CONFIG = str(Path(__file__).parents[1] / "configs" / "tiny.yaml")
+CONFIG = "tiny"
 MODEL_FILE = "mp_rank_00_model_states.pt"
 BUCKET = "transrec"
 
@@ -87,11 +87,11 @@ def test_save_publishes_complete_checkpoints_and_keeps_the_newest(storage):
     store, files = storage
     save_steps(store, range(1, 6), keep=2, protected=frozenset({"step1"}))  # step1: e.g. the best so far
     assert store.tags() == ["step1", "step4", "step5"] and store.latest() == "step5"
-    per_tag = {MODEL_FILE, "rank0_state.pt", "manifest.json"}
+    per_tag = {MODEL_FILE, "rank0_state.pt", "shared_state.pt", "manifest.json"}
     assert files.names() == {"latest"} | {f"{tag}/{name}" for tag in store.tags() for name in per_tag}
     manifest = store.read_manifest("step5")
     assert manifest["world_size"] == 1 and manifest["zero_stage"] == 2
-    assert set(manifest["files"]) == {MODEL_FILE, "rank0_state.pt"}
+    assert set(manifest["files"]) == {MODEL_FILE, "rank0_state.pt", "shared_state.pt"}
     assert manifest["files"][MODEL_FILE]["bytes"] == 1024
     assert all(not store.problems(tag) for tag in store.tags())
 

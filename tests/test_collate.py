@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from transrec.dataloading.batch import IMAGE, TEXT
+from transrec.batch import IMAGE, TEXT
 from transrec.dataloading.collate import collate_eval, collate_train, sample_negatives
 from transrec.dataloading.item_store import ItemStore
 from transrec.dataloading.loader import _ShardedSequences
@@ -24,8 +24,9 @@ def train_samples(tiny_dataset) -> list[dict]:
 
 def test_every_item_once_and_rows_scatter_back(store, train_samples):
     samples = train_samples[10:26]
-    batch = collate_train(samples, store, MAX_SEQ_LEN, NEGATIVES, seed=5, epoch=0)
+    batch = collate_train(samples, store, MAX_SEQ_LEN, NEGATIVES, seed=5, epoch=0, window="last")
     ids = batch.items.ids.numpy()
+    assert torch.equal(batch.row_ids, batch.items.ids)
     assert len(np.unique(ids)) == len(ids)
     width = max(min(len(s["items"]), MAX_SEQ_LEN + 1) - 1 for s in samples)
     assert batch.history.shape == batch.targets.shape == (16, width) and batch.negatives.shape == (16, width, 3)
@@ -58,7 +59,7 @@ def test_modality_split(store, train_samples):
 
 def test_negatives_depend_only_on_seed_epoch_and_sample(store, train_samples):
     def negatives_of(samples, row, seed=5, epoch=0):
-        batch = collate_train(samples, store, MAX_SEQ_LEN, NEGATIVES, seed=seed, epoch=epoch)
+        batch = collate_train(samples, store, MAX_SEQ_LEN, NEGATIVES, seed=seed, epoch=epoch, window="last")
         return batch.items.ids[batch.negatives[row][batch.history_mask[row]]]
 
     alone = negatives_of(train_samples[7:8], 0)
@@ -90,13 +91,61 @@ def test_collate_eval_targets_history_seen_and_padding():
 
 
 def test_random_windows_are_contiguous_reproducible_and_move_across_epochs():
-    from transrec.dataloading.collate import choose_window, sequence_rng
+    from transrec.dataloading.collate import choose_windows, sequence_rng
+
+    def window(sequence, epoch, kind="random"):
+        (only,) = choose_windows(sequence, 11, sequence_rng(5, epoch, 3), kind)
+        return only
 
     sequence = np.arange(100, 160)
-    windows = {epoch: choose_window(sequence, 11, sequence_rng(5, epoch, 3), "random") for epoch in range(6)}
-    for window in windows.values():
-        assert len(window) == 11 and np.array_equal(window, np.arange(window[0], window[0] + 11))
-    assert np.array_equal(windows[0], choose_window(sequence, 11, sequence_rng(5, 0, 3), "random"))
+    windows = {epoch: window(sequence, epoch) for epoch in range(6)}
+    for one in windows.values():
+        assert len(one) == 11 and np.array_equal(one, np.arange(one[0], one[0] + 11))
+    assert np.array_equal(windows[0], window(sequence, 0))
     assert len({int(w[-1]) for w in windows.values()}) > 1  # not always the most recent items
-    assert np.array_equal(choose_window(sequence, 11, sequence_rng(5, 0, 3), "last"), sequence[-11:])
-    assert np.array_equal(choose_window(sequence[:7], 11, sequence_rng(5, 0, 3), "random"), sequence[:7])
+    assert np.array_equal(window(sequence, 0, "last"), sequence[-11:])
+    assert np.array_equal(window(sequence[:7], 0), sequence[:7])
+
+
+@pytest.mark.parametrize("length", [2, 3, 11, 12, 21, 60])
+def test_stride_windows_train_every_target_position_once(length):
+    from transrec.dataloading.collate import choose_windows, sequence_rng
+
+    sequence = np.arange(500, 500 + length)
+    windows = choose_windows(sequence, 11, sequence_rng(5, 0, 3), "stride")
+    assert all(2 <= len(w) <= 11 for w in windows) and len(windows[0]) == min(11, length)
+    targets = np.concatenate([w[1:] for w in windows])
+    assert sorted(targets) == list(sequence[1:])  # every position after the first is a target exactly once
+    for w in windows:  # each window: consecutive items, its history the items right before its targets
+        assert np.array_equal(w, np.arange(w[0], w[0] + len(w)))
+
+
+def test_stride_batch_has_a_row_per_window_and_counts_every_position(store, train_samples):
+    samples = train_samples[:24]
+    batch = collate_train(samples, store, MAX_SEQ_LEN, 0, seed=5, epoch=0, window="stride")
+    ids = batch.row_ids.numpy()
+    targets = ids[batch.targets.numpy()[batch.target_mask.numpy()]]
+    assert sorted(targets) == sorted(i for s in samples for i in s["items"][1:])  # each position once
+    assert batch.users.tolist() == [s["user"] for s in samples]  # users: one per sequence, not per row
+    assert batch.history.shape[0] > len(samples)  # some histories are longer than one window
+
+
+def test_catalogue_and_mixed_negatives_join_the_batch(store, train_samples):
+    samples = train_samples[:4]
+    plain = collate_train(samples, store, MAX_SEQ_LEN, 0, seed=5, epoch=0)
+    catalogue = collate_train(samples, store, MAX_SEQ_LEN, 0, seed=5, epoch=0, negatives="catalogue")
+    assert catalogue.row_ids.tolist() == list(range(store.num_items))
+    # the same positions, the same items, only renumbered into the larger set of rows
+    mask = plain.target_mask
+    assert torch.equal(mask, catalogue.target_mask)
+    for field in ("history", "targets"):
+        assert torch.equal(plain.row_ids[getattr(plain, field)][mask], catalogue.row_ids[getattr(catalogue, field)][mask])
+
+    def mixed(sampled_samples, epoch=0):
+        return collate_train(sampled_samples, store, MAX_SEQ_LEN, 0, seed=5, epoch=epoch, negatives="mixed",
+                             sampled_negatives=20).row_ids
+
+    extra = set(mixed(samples).tolist()) - set(plain.row_ids.tolist())
+    assert 0 < len(extra) <= 20
+    assert torch.equal(mixed(samples), mixed(samples))  # a resumed run draws the same
+    assert not torch.equal(mixed(samples), mixed(samples, epoch=1))

@@ -49,8 +49,29 @@ def test_missing_file_and_bad_yaml(tmp_path):
         load_config(write(tmp_path, "{}"), ["train.epochs"])
 
 
-def test_shipped_configs_load():
-    from pathlib import Path
+def test_presets_ship_in_the_package_and_load_by_name(tmp_path):
+    from transrec.config import preset_names
 
-    for path in (Path(__file__).parents[1] / "configs").glob("*.yaml"):
-        load_config(path)
+    assert {"tiny", "demo", "ml100k-id", "ml100k-twostage", "ml100k-text", "ml100k-mom"} <= set(preset_names())
+    for name in preset_names():
+        assert load_config(name, [f"name={name}-run"]).name == f"{name}-run"
+    with pytest.raises(ConfigError, match="config file not found: nope.yaml \\(nor a preset: demo, "):
+        load_config("nope.yaml")
+    local = write(tmp_path, "name: mine\n")  # a file wins over a preset
+    assert load_config(local).name == "mine"
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("model.loss=foo", r"model\.loss must be one of 'softmax', 'bce', got 'foo'"),
+    ("model.negatives=everything", r"model\.negatives must be one of 'inbatch', 'catalogue', 'bank', 'mixed'"),
+    ("train.zero_stage=5", r"train\.zero_stage must be one of 0, 1, 2, 3, got 5"),
+    ("train.batch_size=-4", r"train\.batch_size must be > 0, got -4"),
+    ("model.dropout=1.5", r"model\.dropout must be in \[0, 1\), got 1\.5"),
+    ("data.train_window=sometimes", r"data\.train_window must be one of 'stride', 'random', 'last'"),
+    ("model.heads=3", r"model\.dim \(64\) must be a multiple of model\.heads \(3\)"),
+    ("model.negatives=mixed", r"model\.negatives mixed needs model\.sampled_negatives >= 1"),
+    ("model.text.cache_frozen=true", r"model\.text\.cache_frozen works with train\.zero_stage 1 or 2, not 3"),
+])
+def test_bad_values_name_their_key_when_the_config_loads(tmp_path, override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(tmp_path, "train: {zero_stage: 3}\n" if "cache_frozen" in override else "{}"), [override])

@@ -1,13 +1,12 @@
 """The whole path on the real stack: prepare -> 2 Ray workers x ZeRO-2 -> checkpoint -> export -> reload -> fine-tune."""
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
 from transrec.launcher.cli import main
 
-CONFIG = str(Path(__file__).parents[1] / "configs" / "tiny.yaml")
+CONFIG = "tiny"
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +54,8 @@ def test_pretrain_checkpoint_export_reload_finetune(tmp_path, ray_cluster, capsy
     capsys.readouterr()
     assert main(["evaluate", "--run", str(run)]) == 0
     by_checkpoint = json.loads(capsys.readouterr().out)
-    assert main(["evaluate", "--export", str(export_dir), "--data", str(source), "--config", CONFIG]) == 0
+    # the export says how its towers are fed (the ViT takes 32 px images): no config needed
+    assert main(["evaluate", "--export", str(export_dir), "--data", str(source)]) == 0
     by_export = json.loads(capsys.readouterr().out)
     assert by_checkpoint["test"] == by_export["test"] and by_checkpoint["valid"] == by_export["valid"]
     # and the distributed in-training evaluation agrees with the one-process one
@@ -70,9 +70,34 @@ def test_pretrain_checkpoint_export_reload_finetune(tmp_path, ray_cluster, capsy
     assert fine["best"]["test/ndcg@10"] > 0.0
 
 
-def test_pretrain_refuses_to_overwrite_a_run(tmp_path):
+def test_pretrain_refuses_to_overwrite_a_run(tmp_path, tiny_dataset, capsys):
     run = tmp_path / "runs" / "x"
     (run / "checkpoints").mkdir(parents=True)
     (run / "checkpoints" / "latest").write_text("step1")
-    code = main(["pretrain", "--config", CONFIG, "--set", "name=x", "--set", f"output_dir={tmp_path / 'runs'}"])
-    assert code == 2
+    code = main(["pretrain", "--config", CONFIG, "--set", "name=x", "--set", f"output_dir={tmp_path / 'runs'}",
+                 "--set", f"data.path={tiny_dataset}"])
+    assert code == 2 and "already has checkpoints" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("preset", ["tiny", "demo", "ml100k-id", "ml100k-twostage", "ml100k-text", "ml100k-mom"])
+def test_bad_input_is_one_line_naming_the_key_before_any_cluster_starts(tmp_path, tiny_dataset, capsys, preset,
+                                                                        monkeypatch):
+    monkeypatch.setattr("transrec.cluster.launch.train_on_cluster", lambda cfg: pytest.fail("reached the cluster"))
+    cases = {  # override -> what the one line must say
+        "model.loss=foo": "model.loss must be one of 'softmax', 'bce', got 'foo'",
+        "train.zero_stage=5": "train.zero_stage must be one of 0, 1, 2, 3, got 5",
+        "train.batch_size=-4": "train.batch_size must be > 0, got -4",
+        "train.epochz=3": "unknown key 'train.epochz'",
+        "model.dim=wide": "model.dim must be int, got str 'wide'",
+        "model.item_encoder=nope": "model.item_encoder: unknown item encoder 'nope'; known: ",
+        "model.user_encoder=nope": "model.user_encoder: unknown user encoder 'nope'; known: ",
+        f"data.path={tmp_path / 'nonexistent'}": "nonexistent/manifest.json: missing",
+        "train.batch_size=5": "train.batch_size 5 is not a multiple of users_per_sample=8",
+    }
+    for override, message in cases.items():
+        sets = [f"output_dir={tmp_path}", f"name={preset}", f"data.path={tiny_dataset}", override]
+        code = main(["pretrain", "--config", preset, *(arg for item in sets for arg in ("--set", item))])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and err.count("\n") == 0 and message in err, (override, err)
+        assert err.startswith("transrec pretrain: error: ")
+    assert not (tmp_path / preset).exists()  # nothing written

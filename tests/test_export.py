@@ -15,7 +15,7 @@ from transrec.trainer.checkpoint_store import CheckpointStore
 from transrec.trainer.export import export, load_checkpoint_model
 from transrec.trainer.torchrun_entry import launch
 
-CONFIG = str(Path(__file__).parents[1] / "configs" / "tiny.yaml")
+CONFIG = "tiny"
 
 
 def files_bytes(directory: Path, pattern: str = "*") -> int:
@@ -60,7 +60,7 @@ def test_bf16_export_is_a_quarter_of_the_checkpoint_and_loads_with_each_library(
     by_name = timm.create_model(cfg.model.image.name, pretrained=False, num_classes=0, **cfg.model.image.kwargs)
     by_name.load_state_dict(weights, strict=True)
     from_dir = timm.create_model(f"local-dir:{out / 'image_encoder'}", pretrained=True)
-    images = torch.randn(2, 3, cfg.data.image_size, cfg.data.image_size)
+    images = torch.randn(2, 3, cfg.model.image.image_size, cfg.model.image.image_size)
     with torch.no_grad():
         expected = image(images)
         for loaded_image in (by_name.float().eval(), from_dir.float().eval()):

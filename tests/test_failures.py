@@ -16,7 +16,7 @@ from transrec.trainer.audit import read_audit
 from transrec.trainer.checkpoint import consolidated_state_dict
 from transrec.trainer.checkpoint_store import CheckpointStore
 
-CONFIG = str(Path(__file__).parents[1] / "configs" / "tiny.yaml")
+CONFIG = "tiny"
 USERS = 48  # one train sequence each: 3 steps per epoch at 8 sequences x 2 ranks
 
 

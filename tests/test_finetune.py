@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import gc
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ from transrec.models.transrec import read_export_config
 from transrec.trainer.finetune import build_model
 from transrec.trainer.run_dir import resolve
 
-CONFIG = Path(__file__).parents[1] / "configs" / "tiny.yaml"
+CONFIG = "tiny"
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +66,7 @@ def test_adapters_mode_trains_only_the_adapters(pretrained):
     model.train()
     optimizer = torch.optim.AdamW(model.param_groups(lr=1e-2, encoder_lr=1e-2, weight_decay=0.01))
     for batch in [first, next(batches)]:
-        model(batch).backward()
+        model(batch).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
     del batches, loader

@@ -9,7 +9,7 @@ from PIL import Image
 
 from transrec.dataloading.images import IMAGENET_MEAN, ImageDecodeError, ImageDecoder
 from transrec.dataloading.item_store import ItemStore
-from transrec.dataloading.batch import IMAGE
+from transrec.batch import IMAGE
 
 
 def encode(pixels: np.ndarray) -> np.ndarray:

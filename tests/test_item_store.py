@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import flip_last_byte
-from transrec.dataloading.batch import IMAGE, TEXT
+from transrec.batch import IMAGE, TEXT
 from transrec.dataloading.images import ImageDecoder
 from transrec.dataloading.dataset_format import DatasetFileError
 from transrec.dataloading.item_store import ItemStore

@@ -12,7 +12,7 @@ from transrec.cluster import embedded, jobs
 from transrec.launcher.cli import main
 from transrec.trainer.audit import read_audit
 
-CONFIG = str(Path(__file__).parents[1] / "configs" / "tiny.yaml")
+CONFIG = "tiny"
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +111,7 @@ def test_errors_before_anything_runs(cluster, data, tmp_path, capsys):
     fails("submit", "--config", CONFIG, "--set", "train.epoch=1", "--state-dir", str(state_dir),
           expect="unknown key 'train.epoch'")
     fails("submit", "--config", CONFIG, "--set", f"data.path={tmp_path / 'none'}", "--state-dir", str(state_dir),
-          expect="no manifest.json")
+          expect="manifest.json: missing")
     fails("submit", "--config", CONFIG, *ok, "--set", "cluster.num_workers=5", "--set", "cluster.cpus_per_worker=1",
           "--state-dir", str(state_dir), expect="room for 4 such worker(s)")
     fails("submit", "--config", CONFIG, *ok, "--set", "cluster.use_gpu=\"true\"", "--state-dir", str(state_dir),

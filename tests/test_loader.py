@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import TINY
 
-from transrec.cluster.embedded import free_port
+from transrec.network import free_port
 from transrec.config import DataConfig
 from transrec.dataloading.images import ImageDecodeError, ImageDecoder
 from transrec.dataloading.loader import EvalLoader, TrainLoader, _ShardedSequences
@@ -146,7 +146,7 @@ def test_decode_errors_reach_the_trainer(tiny_dataset):
 
 RANK_SCRIPT = """
 import json, sys
-from transrec.cluster.embedded import free_port
+from transrec.network import free_port
 from transrec.config import DataConfig
 from transrec.dataloading.loader import TrainLoader
 rank = int(sys.argv[2])

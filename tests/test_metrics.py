@@ -3,7 +3,7 @@ import math
 import numpy as np
 import torch
 
-from transrec.dataloading.batch import EvalBatch
+from transrec.batch import EvalBatch
 from transrec.trainer.evaluate import evaluate_popularity, target_ranks
 from transrec.trainer.metrics import means, metric_sums
 

@@ -11,7 +11,7 @@ import timm
 import torch
 
 from transrec.config import ImageEncoderConfig, ModelConfig, TextEncoderConfig
-from transrec.dataloading.batch import Batch, ItemBatch
+from transrec.batch import Batch, ItemBatch
 from transrec.models import TransRec
 from transrec.models.image_encoder import ImageItemEncoder, split_blocks
 from transrec.models.user_encoder import TransformerUserEncoder
@@ -39,7 +39,7 @@ def model_config(**overrides) -> ModelConfig:
     cfg = ModelConfig(
         dim=16,
         text=TextEncoderConfig(pretrained="", config=dict(TINY_BERT), trainable_blocks=1),
-        image=ImageEncoderConfig(name="vit_tiny_patch16_224", kwargs=dict(TINY_VIT), trainable_blocks=1),
+        image=ImageEncoderConfig(name="vit_tiny_patch16_224", kwargs=dict(TINY_VIT), image_size=32, trainable_blocks=1),
         layers=2,
         heads=2,
         dropout=0.0,
@@ -93,6 +93,7 @@ def make_batch(sequences: list[list[int]], T: int, k: int = 1, seed: int = 0, as
         mask[b, T - n :] = True
     return Batch(
         items=item_batch(ids, as_text),
+        row_ids=torch.tensor(ids, dtype=torch.long),
         users=torch.arange(B),
         history=history,
         history_mask=mask,
@@ -110,6 +111,14 @@ def count_calls(module: torch.nn.Module) -> list[int]:
     rows: list[int] = []
     module.register_forward_pre_hook(lambda _, args: rows.append(args[0].size(0)))
     return rows
+
+
+def count_tokens(embeddings: torch.nn.Module) -> list[int]:
+    """Real (nonzero) tokens of every call of a text tower's embeddings."""
+    tokens: list[int] = []
+    embeddings.register_forward_pre_hook(lambda _, args, kwargs: tokens.append(int(kwargs["input_ids"].ne(0).sum())),
+                                         with_kwargs=True)
+    return tokens
 
 
 def test_mom_encodes_each_item_once_and_scatters_back():
@@ -139,7 +148,7 @@ def test_batch_of_one_modality_still_runs_the_other_tower(busy: str, idle: str):
     sequences = [[0, 2, 4, 6], [8, 10, 2]] if busy == "text" else [[1, 3, 5, 7], [9, 11, 3]]
     batch = make_batch(sequences, T=4, k=0)  # no negatives: they could bring in the other modality
     calls = {m: count_calls(getattr(model.item_encoder, m)) for m in ("text", "image")}
-    model(batch).backward()
+    model(batch).loss.backward()
     assert calls[busy] == [len(batch.items.ids)] and calls[idle] == [0]
     # The idle tower took part in the graph: its trainable parameters have (zero) gradients.
     tower = getattr(model.item_encoder, idle)
@@ -149,20 +158,20 @@ def test_batch_of_one_modality_still_runs_the_other_tower(busy: str, idle: str):
 def test_text_variant_has_no_image_tower():
     model = TransRec(model_config(item_encoder="text"))
     assert not any("image" in name for name, _ in model.named_parameters())
-    loss = model(make_batch(SEQUENCES, T=6, as_text=True))
+    loss = model(make_batch(SEQUENCES, T=6, as_text=True)).loss
     assert torch.isfinite(loss)
 
 
 def test_id_encoder_trains():
-    model = TransRec(model_config(item_encoder="id", loss="inbatch"))
-    model(make_batch(SEQUENCES, T=6)).backward()
+    model = TransRec(model_config(item_encoder="id", loss="softmax"))
+    model(make_batch(SEQUENCES, T=6)).loss.backward()
     assert model.item_encoder.embedding.weight.grad.any()
 
 
 def test_frozen_blocks_get_no_grad_trainable_ones_do():
     torch.manual_seed(0)
     model = TransRec(model_config())
-    model(make_batch(SEQUENCES, T=6)).backward()
+    model(make_batch(SEQUENCES, T=6)).loss.backward()
     text, image = model.item_encoder.text, model.item_encoder.image
     frozen = [text.body.embeddings, text.body.encoder.layer[0], image.body.patch_embed, image.body.blocks[0]]
     trainable = [text.body.encoder.layer[1], text.proj, image.body.blocks[1], image.body.norm, image.proj]
@@ -178,24 +187,24 @@ def test_all_trainable_text_tower_trains_its_embeddings():
     torch.manual_seed(0)
     cfg = model_config()
     model = TransRec(dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, trainable_blocks=-1)))
-    model(make_batch(SEQUENCES, T=6)).backward()
+    model(make_batch(SEQUENCES, T=6)).loss.backward()
     assert model.item_encoder.text.body.embeddings.word_embeddings.weight.grad.any()
 
 
 @pytest.mark.parametrize("tower", ["text", "image"])
 def test_cached_frozen_layers_give_identical_loss_and_grads_and_compute_each_item_once(tower):
-    image = ImageEncoderConfig(name="resnet18", kwargs=dict(TINY_RESNET), trainable_blocks=2)
+    image = ImageEncoderConfig(name="resnet18", kwargs=dict(TINY_RESNET), image_size=32, trainable_blocks=2)
 
     def run(cache: bool):
         torch.manual_seed(0)
         cfg = model_config(image=image)
         model = TransRec(dataclasses.replace(cfg, **{tower: dataclasses.replace(getattr(cfg, tower), cache_frozen=cache)}))
         encoder = getattr(model.item_encoder, tower)
-        frozen_rows = count_calls(encoder.body.encoder.layer[0] if tower == "text" else encoder.body.layer1)
+        frozen_rows = count_tokens(encoder.body.embeddings) if tower == "text" else count_calls(encoder.body.layer1)
         losses, grads = [], []
         for step in range(2):  # the second step finds every item of the first in the cache
             model.zero_grad()
-            loss = model(make_batch(SEQUENCES, T=6, seed=step))
+            loss = model(make_batch(SEQUENCES, T=6, seed=step)).loss
             loss.backward()
             losses.append(loss.detach())
             grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
@@ -206,18 +215,20 @@ def test_cached_frozen_layers_give_identical_loss_and_grads_and_compute_each_ite
     assert all(torch.equal(a, b) for a, b in zip(plain_losses, cached_losses))
     for step_a, step_b in zip(plain_grads, cached_grads):
         assert all(torch.equal(a, b) for a, b in zip(step_a, step_b))
-    tower_items = len({i for seq in SEQUENCES for i in seq if i % 2 == (tower == "image")})
-    assert sum(plain_rows) > sum(cached_rows) >= tower_items  # new negatives may add items on step 2
+    items = {i for seq in SEQUENCES for i in seq if i % 2 == (tower == "image")}
+    # images: rows; text: tokens (its items are packed)
+    computed = len(items) if tower == "image" else sum(len(TITLES[i]) for i in items)
+    assert sum(plain_rows) > sum(cached_rows) >= computed  # new negatives may add items on step 2
 
 
 def test_image_cache_refuses_a_backbone_that_does_not_run_its_children_in_order():
-    vit = ImageEncoderConfig(name="vit_tiny_patch16_224", kwargs=dict(TINY_VIT), trainable_blocks=1, cache_frozen=True)
+    vit = ImageEncoderConfig(name="vit_tiny_patch16_224", kwargs=dict(TINY_VIT), image_size=32, trainable_blocks=1, cache_frozen=True)
     with pytest.raises(ValueError, match="vit_tiny_patch16_224.*does not run as its stem, blocks and head in order"):
         ImageItemEncoder(vit, dim=16)
 
 
 def test_resnet_blocks_are_stages_and_frozen_batchnorms_keep_statistics():
-    cfg = ImageEncoderConfig(name="resnet18", kwargs=dict(TINY_RESNET), trainable_blocks=2)
+    cfg = ImageEncoderConfig(name="resnet18", kwargs=dict(TINY_RESNET), image_size=32, trainable_blocks=2)
     tower = ImageItemEncoder(cfg, dim=16).train()
     stem, blocks, head = split_blocks(tower.body)
     assert stem == [tower.body.conv1, tower.body.bn1, tower.body.act1, tower.body.maxpool]
@@ -236,12 +247,12 @@ def test_resnet_blocks_are_stages_and_frozen_batchnorms_keep_statistics():
 
 
 def test_image_weights_load_from_safetensors(tmp_path):
-    vit = ImageEncoderConfig(name="vit_tiny_patch16_224", kwargs=dict(TINY_VIT))
+    vit = ImageEncoderConfig(name="vit_tiny_patch16_224", kwargs=dict(TINY_VIT), image_size=32)
     source = timm.create_model(vit.name, pretrained=False, num_classes=10, **vit.kwargs)  # with a classifier
     safetensors.torch.save_file(source.state_dict(), str(tmp_path / "vit.safetensors"))
     tower = ImageItemEncoder(dataclasses.replace(vit, weights=str(tmp_path / "vit.safetensors")), dim=16)
     torch.testing.assert_close(tower.body.blocks[1].attn.qkv.weight, source.blocks[1].attn.qkv.weight)
-    wrong = ImageEncoderConfig(name="resnet18", kwargs=dict(TINY_RESNET), weights=str(tmp_path / "vit.safetensors"))
+    wrong = ImageEncoderConfig(name="resnet18", kwargs=dict(TINY_RESNET), image_size=32, weights=str(tmp_path / "vit.safetensors"))
     with pytest.raises(ValueError, match="does not fit"):
         ImageItemEncoder(wrong, dim=16)
 
@@ -259,7 +270,7 @@ def test_gradient_checkpointing_gives_same_loss_and_grads():
     image_block = count_calls(checkpointed.item_encoder.image.body.blocks[1])
     losses = []
     for model in (plain, checkpointed):
-        loss = model(batch)
+        loss = model(batch).loss
         loss.backward()
         losses.append(loss.detach())
     torch.testing.assert_close(losses[0], losses[1])
@@ -302,11 +313,11 @@ def test_left_padding_matches_unpadded_and_no_nan(attention: str):
 
 def test_temperature_scores_by_cosine_over_temperature():
     torch.manual_seed(0)
-    model = TransRec(model_config(loss="inbatch", temperature=0.05))
+    model = TransRec(model_config(loss="softmax", temperature=0.05))
     seen = {}
     original = model.loss.forward
     model.loss.forward = lambda users, items, *rest: seen.update(users=users, items=items) or original(users, items, *rest)
-    model(make_batch(SEQUENCES, T=6)).backward()
+    model(make_batch(SEQUENCES, T=6)).loss.backward()
     torch.testing.assert_close(seen["items"].norm(dim=-1), torch.ones(len(seen["items"])))
     torch.testing.assert_close(seen["users"].norm(dim=-1), torch.full((len(seen["users"]),), 1 / 0.05))
     vectors = torch.randn(4, 16)
@@ -316,7 +327,7 @@ def test_temperature_scores_by_cosine_over_temperature():
 def test_bf16_forward_and_backward():
     torch.manual_seed(0)
     model = TransRec(model_config()).to(torch.bfloat16)
-    loss = model(make_batch(SEQUENCES, T=6))
+    loss = model(make_batch(SEQUENCES, T=6)).loss
     loss.backward()
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
     assert model.item_encoder.image.proj.weight.grad.dtype == torch.bfloat16
@@ -340,12 +351,12 @@ def test_param_groups_split_pretrained_bodies_and_skip_frozen():
 
 def test_save_and_load_round_trip(tmp_path):
     torch.manual_seed(0)
-    resnet = ImageEncoderConfig(name="resnet18", kwargs=dict(TINY_RESNET), trainable_blocks=2)
+    resnet = ImageEncoderConfig(name="resnet18", kwargs=dict(TINY_RESNET), image_size=32, trainable_blocks=2)
     cfg = model_config(image=resnet)
     model = TransRec(cfg)
     batch = make_batch(SEQUENCES, T=6)
     optimizer = torch.optim.AdamW(model.param_groups(1e-3, 1e-4, 0.01))
-    model(batch).backward()
+    model(batch).loss.backward()
     optimizer.step()  # moves weights and batch-norm statistics away from their initial values
     model.eval()
     model.save_pretrained(tmp_path / "export", dtype=torch.float32)
@@ -360,7 +371,7 @@ def test_save_and_load_round_trip(tmp_path):
     with torch.no_grad():
         exact = dict(atol=0, rtol=0)
         torch.testing.assert_close(loaded.encode_items(batch.items), model.encode_items(batch.items), **exact)
-        torch.testing.assert_close(loaded(batch), model(batch), **exact)
+        torch.testing.assert_close(loaded(batch).loss, model(batch).loss, **exact)
 
     model.save_pretrained(tmp_path / "bf16")
     tensors = safetensors.torch.load_file(str(tmp_path / "bf16" / "model.safetensors"))
@@ -395,3 +406,37 @@ def test_real_minilm_loads_and_tells_titles_apart(tmp_path):
     with torch.no_grad():
         again = loaded.item_encoder.text(tokens["input_ids"], tokens["attention_mask"])
     torch.testing.assert_close(again, vectors, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("trainable_blocks", [-1, 1])
+def test_packed_titles_give_the_padded_vectors(trainable_blocks):
+    """Titles packed side by side (attention kept within each) encode as they do one per padded row."""
+    from transrec.models.text_encoder import TextItemEncoder, TokenLayout
+
+    torch.manual_seed(0)
+    ids = list(range(0, NUM_ITEMS, 2))
+    items = item_batch(ids)
+    vectors = {}
+    for pack_width in (0, 8, 64):
+        cfg = TextEncoderConfig(pretrained="", config=dict(TINY_BERT), trainable_blocks=trainable_blocks,
+                                pack_width=pack_width)
+        torch.manual_seed(0)
+        tower = TextItemEncoder(cfg, 16).eval()
+        with torch.no_grad():
+            vectors[pack_width] = tower(items.input_ids, items.attention_mask, items.ids)
+        if pack_width == 0:  # one row per title, as long as the longest
+            slots = len(ids) * int(items.attention_mask.sum(1).max())
+            assert tower.real_token_share == pytest.approx(int(items.attention_mask.sum()) / slots)
+    torch.testing.assert_close(vectors[8], vectors[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(vectors[64], vectors[0], atol=1e-5, rtol=1e-5)
+
+    lengths = items.attention_mask.sum(1)
+    layout = TokenLayout.build(lengths, 8)
+    assert layout.slot.unique().numel() == layout.tokens == int(lengths.sum())  # every token its own slot
+    rows, columns = layout.slot // layout.width, layout.slot % layout.width
+    for item in range(len(ids)):  # an item's tokens: one row, consecutive columns, positions from 0
+        mine = layout.item == item
+        assert rows[mine].unique().numel() == 1
+        assert torch.equal(columns[mine] - columns[mine][0], torch.arange(int(lengths[item])))
+        assert torch.equal(layout.position[mine], torch.arange(int(lengths[item])))
+    assert layout.rows < len(ids)  # titles of 2..6 tokens share rows of 8

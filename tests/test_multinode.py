@@ -4,7 +4,6 @@ loopback) with every rank's shard, a resume from it. Each rank stages its files 
 so the bucket is the only place where the ranks' files meet: no shared file system is needed."""
 import io
 import json
-from pathlib import Path
 
 import pytest
 
@@ -13,7 +12,7 @@ from transrec.cluster import embedded, jobs
 from transrec.launcher.cli import main
 from transrec.trainer.audit import read_audit
 
-CONFIG = str(Path(__file__).parents[1] / "configs" / "tiny.yaml")
+CONFIG = "tiny"
 
 
 def job_logs(url: str, job_id: str) -> str:
@@ -38,7 +37,7 @@ def two_nodes(tmp_path_factory):
 def test_spread_over_two_nodes_checkpoint_in_s3_holds_every_shard_and_resumes(two_nodes, tmp_path):
     state, s3 = two_nodes
     url = state.dashboard_url
-    nodes = [n for n in jobs.cluster_nodes(url) if n["alive"]]
+    nodes = [n for n in embedded.cluster_nodes(url) if n["alive"]]
     assert len(nodes) == 2 and all(n["resources"]["CPU"] == 1 for n in nodes)
     assert main(["prepare", "synthetic", "--out", str(tmp_path / "data"), "--users", "48", "--items", "40"]) == 0
     common = [f"data.path={tmp_path / 'data'}", f"output_dir={tmp_path / 'runs'}", "name=two",

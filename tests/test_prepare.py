@@ -11,7 +11,7 @@ from PIL import Image
 
 from conftest import ML100K, TINY
 from transrec.dataloading import prepare as prepare_module
-from transrec.dataloading.batch import IMAGE, TEXT
+from transrec.batch import IMAGE, TEXT
 from transrec.dataloading.loader import _ShardedSequences
 from transrec.dataloading.dataset_format import USERS_PER_SAMPLE, DataError
 from transrec.dataloading.prepare import (

@@ -19,7 +19,7 @@ from transrec.trainer.checkpoint import consolidated_state_dict
 from transrec.trainer.checkpoint_store import CheckpointStore
 from transrec.trainer.torchrun_entry import launch
 
-CONFIG = str(Path(__file__).parents[1] / "configs" / "tiny.yaml")
+CONFIG = "tiny"
 STOP, STEPS = 4, 6
 
 
@@ -67,22 +67,29 @@ def global_batches(run: Path) -> dict[int, list[int]]:
     return {step: sorted(ids) for step, ids in sorted(batches.items())}
 
 
-def stopped_copy(runs, stage: int, name: str, precision: str = "fp32") -> str:
+def stopped_copy(runs, stage: int, name: str, *overrides: str) -> str:
     """A fresh copy of the run stopped at step STOP, to resume under another name."""
-    stopped = runs(f"stop{stage}{precision}", stage, f"train.precision={precision}", f"train.max_steps={STOP}")
+    stopped = runs(f"stop{stage}{'-'.join(overrides)}", stage, *overrides, f"train.max_steps={STOP}")
     shutil.copytree(stopped, stopped.parent / name)
     return name
 
 
-@pytest.mark.parametrize(("stage", "precision"), [(2, "fp32"), (3, "fp32"), (2, "bf16")])
-def test_resume_mid_epoch_is_bit_identical(runs, stage, precision):
-    """bf16 too: DeepSpeed keeps fp32 master weights, saved in the checkpoint, and recasts the bf16 ones."""
-    reference = runs(f"ref{stage}{precision}", stage, f"train.precision={precision}")
-    name = stopped_copy(runs, stage, f"resumed{stage}{precision}", precision)
-    state = torch.load(reference.parent / name / "checkpoints" / f"step{STOP}" / "rank0_state.pt", weights_only=True)
+@pytest.mark.parametrize(("stage", "precision", "negatives"), [(2, "fp32", "inbatch"), (3, "fp32", "inbatch"),
+                                                                (2, "bf16", "bank")])
+def test_resume_mid_epoch_is_bit_identical(runs, stage, precision, negatives):
+    """bf16 too: DeepSpeed keeps fp32 master weights, saved in the checkpoint, and recasts the bf16 ones. The
+    item-vector bank (negatives of every item encoded so far, 16 drawn per step) is checkpointed too."""
+    overrides = (f"train.precision={precision}", f"model.negatives={negatives}", "model.sampled_negatives=16")
+    reference = runs(f"ref{stage}{precision}{negatives}", stage, *overrides)
+    name = stopped_copy(runs, stage, f"resumed{stage}{precision}{negatives}", *overrides)
+    tag = reference.parent / name / "checkpoints" / f"step{STOP}"
+    state = torch.load(tag / "rank0_state.pt", weights_only=True)
     # 1 of the epoch's 3 steps done: 16 sequences, in train samples of USERS_PER_SAMPLE
     assert state["epoch"] == 1 and state["loader"]["samples_in_epoch"] == 16 // USERS_PER_SAMPLE
-    resumed = runs(name, stage, f"train.precision={precision}", resume=True)
+    if negatives == "bank":
+        bank = torch.load(tag / "shared_state.pt", weights_only=True)["bank"]
+        assert bank["filled"].any() and bank["vectors"][bank["filled"]].abs().sum() > 0  # the items encoded so far
+    resumed = runs(name, stage, *overrides, resume=True)
 
     assert len(losses(reference)) == STEPS
     assert losses(resumed) == losses(reference)  # every step's loss and learning rate, bitwise
@@ -100,9 +107,10 @@ def test_resume_on_fewer_ranks_continues_at_the_right_sample(runs, stage):
     universal checkpoint: the rest of the epoch is every sample not yet seen, once, in the global batches of
     the 2-rank run, and the LR schedule goes on unchanged. The losses are not bitwise those of the 2-rank
     run: one mean over 16 sequences is not the mean of two means over 8, and rank 1's dropout stream is gone."""
-    reference = runs(f"ref{stage}fp32", stage, "train.precision=fp32")
-    name = stopped_copy(runs, stage, f"fewer{stage}")
-    resumed = runs(name, stage, "train.precision=fp32", "train.batch_size=16", nproc=1, resume=True)
+    overrides = ("train.precision=fp32", "model.negatives=inbatch", "model.sampled_negatives=16")
+    reference = runs(f"ref{stage}fp32inbatch", stage, *overrides)
+    name = stopped_copy(runs, stage, f"fewer{stage}", *overrides)
+    resumed = runs(name, stage, *overrides, "train.batch_size=16", nproc=1, resume=True)
 
     assert (resumed / "checkpoints" / f"step{STOP}" / "universal").is_dir()
     batches = global_batches(resumed)
@@ -116,8 +124,9 @@ def test_resume_on_fewer_ranks_continues_at_the_right_sample(runs, stage):
 def test_zero3_gradient_checkpointing_over_frozen_blocks_matches(runs):
     """ZeRO-3 + non-reentrant checkpointing of both towers, whose lower blocks are frozen (tiny.yaml:
     trainable_blocks 1 of 2): trains, and gives exactly the losses of the run without checkpointing."""
-    plain = runs("ref3fp32", 3, "train.precision=fp32")
-    checkpointed = runs("gc3", 3, "train.precision=fp32", "model.gradient_checkpointing=true", "train.max_steps=3")
+    overrides = ("train.precision=fp32", "model.negatives=inbatch", "model.sampled_negatives=16")
+    plain = runs("ref3fp32inbatch", 3, *overrides)
+    checkpointed = runs("gc3", 3, *overrides, "model.gradient_checkpointing=true", "train.max_steps=3")
     assert losses(checkpointed) == losses(plain)[:3]
 
 
@@ -125,9 +134,10 @@ def test_zero3_gradient_checkpointing_over_frozen_blocks_matches(runs):
 def test_optimizer_offload_trains_like_the_plain_run_and_resumes_exactly(runs, stage):
     """`train.offload_optimizer` (DeepSpeed's CPU offload of the optimizer states and step): the same losses as
     without it, and a run stopped at step STOP resumes to the uninterrupted offloaded run's losses bitwise."""
-    offload = ("train.precision=fp32", "train.offload_optimizer=true")
+    overrides = ("train.precision=fp32", "model.negatives=inbatch", "model.sampled_negatives=16")
+    offload = (*overrides, "train.offload_optimizer=true")
     offloaded = runs(f"offload{stage}", stage, *offload)
-    reference = runs(f"ref{stage}fp32", stage, "train.precision=fp32")
+    reference = runs(f"ref{stage}fp32inbatch", stage, *overrides)
     assert [step for step, _, _ in losses(offloaded)] == list(range(1, STEPS + 1))
     torch.testing.assert_close([loss for _, loss, _ in losses(offloaded)], [loss for _, loss, _ in losses(reference)])
     stopped = runs(f"offload{stage}-stop", stage, *offload, f"train.max_steps={STOP}")

@@ -6,11 +6,11 @@ naming the key (and the file it came from).
 from __future__ import annotations
 
 import dataclasses
-import json
+import importlib.resources
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -24,14 +24,16 @@ class DataConfig:
     path: str = "data/demo/source"  # dataset directory written by `transrec prepare`
     num_negatives: int = 1  # sampled negatives per target position (bce loss)
     loader_workers: int = 1  # DataLoader worker processes per rank
-    image_size: int = 64  # images are decoded and resized to image_size x image_size
-    image_decoder: str = "auto"  # auto (DALI: GPU nvJPEG when CUDA, else CPU) | dali | pil
+    image_decoder: Literal["auto", "dali", "pil"] = "auto"  # auto: DALI (GPU nvJPEG when CUDA, else CPU)
     shuffle_seed: int = 17
-    train_window: str = "random"  # which max_seq_len+1 items of a long history a sample trains on: random | last
+    # which items of a history longer than max_seq_len+1 train: stride = every target position once per epoch
+    # (windows of max_seq_len+1 items, max_seq_len apart, ending at the newest); random = one window ending at
+    # a random position (a new one each epoch); last = the newest max_seq_len+1 items only
+    train_window: Literal["stride", "random", "last"] = "stride"
     cache_dir: str = ""  # local cache for a remote `path` (s3://, gs://); empty = a temp dir
     # a bad record (corrupt image, empty title, unknown item, too-short user, shard with another checksum):
     # skip = skip it, count it, go on | stop = stop before training starts (see dataloading/bad_data.py)
-    on_bad_record: str = "skip"
+    on_bad_record: Literal["skip", "stop"] = "skip"
 
 
 @dataclass
@@ -41,7 +43,10 @@ class TextEncoderConfig:
     pretrained: str = "minilm"
     config: dict = field(default_factory=dict)
     trainable_blocks: int = 2  # top transformer blocks fine-tuned; -1 = all
-    pooling: str = "mean"  # mean | cls
+    pooling: Literal["mean", "cls"] = "mean"
+    # items' tokens are packed side by side into rows of this many slots (at least the longest item), attention
+    # kept within each item, so the tower computes real tokens rather than padding; 0 = one item per row, padded
+    pack_width: int = 64
     # keep each item's frozen-layer output in memory after its first encoding (ZeRO-1/2; catalogue-sized memory)
     cache_frozen: bool = False
 
@@ -51,6 +56,7 @@ class ImageEncoderConfig:
     name: str = "resnet18"  # any timm architecture
     weights: str = ""  # local safetensors state dict; empty = random init
     kwargs: dict = field(default_factory=dict)  # passed to timm.create_model
+    image_size: int = 64  # images are decoded and resized to image_size x image_size for this tower
     trainable_blocks: int = 2  # top blocks fine-tuned; -1 = all
     # keep each item's stem + frozen-block output after its first encoding (ZeRO-1/2; catalogue-sized memory;
     # architectures whose forward runs their children in order: ResNet, ConvNeXt, EfficientNet..., not ViT)
@@ -67,10 +73,21 @@ class ModelConfig:
     layers: int = 2
     heads: int = 2
     dropout: float = 0.1
-    attention: str = "causal"  # causal (SASRec: every position predicts the next) | bidirectional (TransRec)
+    attention: Literal["causal", "bidirectional"] = "causal"  # causal: SASRec, every position predicts the next
     max_seq_len: int = 50  # most recent items of a history the user encoder sees
-    loss: str = "bce"  # bce (sampled negatives, TransRec) | inbatch (softmax over the batch's items, MicroLens)
-    logq_correction: bool = True  # inbatch: subtract log popularity from candidate logits (sampling-bias correction)
+    # softmax: cross-entropy of the target against the candidates `negatives` names | bce: the target against
+    # data.num_negatives items sampled per position (TransRec's original objective)
+    loss: Literal["softmax", "bce"] = "softmax"
+    # softmax candidates: inbatch = every distinct item of the global batch (all ranks), each encoded once |
+    # catalogue = every item, encoded every step (exact; where it fits: an ID table always does) |
+    # bank = the batch's items plus the newest vector of every other item encoded so far (no gradient) |
+    # mixed = the batch's items plus `sampled_negatives` items drawn uniformly from the catalogue per rank
+    negatives: Literal["inbatch", "catalogue", "bank", "mixed"] = "inbatch"
+    sampled_negatives: int = 0  # mixed: items drawn per rank and step | bank: rows drawn per step (0 = all)
+    # an item the user interacted with (in the window being trained) is no negative for it; the target stays
+    mask_seen: bool = True
+    # inbatch, mixed, bank with sampled_negatives: subtract log q (how likely each candidate is drawn) from its logit
+    logq_correction: bool = False
     # 0 = users and items are compared by dot product; > 0 = by cosine similarity, divided by this in the loss
     temperature: float = 0.0
     gradient_checkpointing: bool = False  # on the item encoders
@@ -79,16 +96,23 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 5
+    epochs: int = 5  # a ceiling: early stopping (patience) usually ends a run before it
     max_steps: int = 0  # stop after this many optimizer steps in total; 0 = run all epochs
     batch_size: int = 32  # sequences per rank per step; a multiple of the data set's users_per_sample
     lr: float = 1e-3
     encoder_lr: float = 1e-4  # learning rate of pretrained item-encoder bodies (random-init ones train at lr)
     weight_decay: float = 0.01
     warmup_steps: int = 10
+    # after warmup: constant | cosine = decays to 0 at `epochs` | linear = likewise, linearly
+    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
+    # stop after this many evaluations without a better valid eval.select_metric; 0 = run every epoch
+    patience: int = 0
     grad_clip: float = 1.0
-    zero_stage: int = 2
-    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    # each distinct item of the global batch encoded once, by one rank, its vector shared with all (in-batch
+    # negatives then span every rank's batch); false: each rank encodes and scores its own batch's items
+    share_items: bool = True
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     offload_optimizer: bool = False
     seed: int = 42
     checkpoint_every: int = 0  # optimizer steps between checkpoints; 0 = at the end of each epoch only
@@ -98,7 +122,7 @@ class TrainConfig:
     # which weights train (mostly for fine-tuning, with init_from): "" = as model.*.trainable_blocks say;
     # full = every weight; top_k = each tower's top finetune_blocks blocks and all the rest; adapters = only
     # bottleneck adapters (adapter_dim wide) after every user-encoder layer and each tower's top finetune_blocks
-    finetune_mode: str = ""
+    finetune_mode: Literal["", "full", "top_k", "adapters"] = ""
     finetune_blocks: int = 2
     adapter_dim: int = 16
 
@@ -108,7 +132,7 @@ class EvalConfig:
     ks: list = field(default_factory=lambda: [5, 10, 20])
     batch_size: int = 256  # users per scoring batch
     item_batch_size: int = 512  # items per encoding batch
-    every_epochs: int = 1
+    every_epochs: int = 1  # and at the end of the run; 0 = never (throughput runs, catalogues too large to rank)
     select_metric: str = "ndcg@10"  # valid metric that picks the best checkpoint
 
 
@@ -117,9 +141,9 @@ class ClusterConfig:
     address: str = ""  # Ray address; empty = an embedded local cluster on loopback
     num_workers: int = 2  # Ray Train workers, one DeepSpeed rank each
     cpus_per_worker: int = 1
-    use_gpu: str = "auto"  # auto | true | false
+    use_gpu: Literal["auto", "true", "false"] = "auto"
     max_failures: int = 0  # worker-group restarts before the run fails
-    placement: str = "pack"  # pack (fewest nodes) | spread (over nodes) | strict_pack | strict_spread
+    placement: Literal["pack", "spread", "strict_pack", "strict_spread"] = "pack"  # pack: fewest nodes
 
 
 @dataclass
@@ -146,6 +170,13 @@ class Config:
 
 def _check_type(value: Any, hint: Any, key: str, origin: str) -> Any:
     """Returns `value` converted to `hint` where that is lossless (int -> float), else raises."""
+    if typing.get_origin(hint) is Literal:
+        choices = typing.get_args(hint)
+        if isinstance(value, bool) and str(value).lower() in choices:  # YAML reads use_gpu: true as a bool
+            return str(value).lower()
+        if value not in choices or isinstance(value, bool):
+            raise ConfigError(f"{origin}: {key} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+        return value
     base = typing.get_origin(hint) or hint
     if base is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
@@ -199,24 +230,86 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
 
 
+PRESETS = importlib.resources.files("transrec") / "configs"  # YAML presets shipped with the package
+
+
+def preset_names() -> list[str]:
+    return sorted(f.name.removesuffix(".yaml") for f in PRESETS.iterdir() if f.name.endswith(".yaml"))
+
+
+def read_config_text(path: str | Path) -> tuple[str, str]:
+    """(YAML text, where it came from) of a config file, or of a preset by its name (`tiny`, `ml100k-text`...)."""
+    if Path(path).is_file():
+        return Path(path).read_text(), str(path)
+    preset = PRESETS / f"{path}.yaml"
+    if "/" not in str(path) and preset.is_file():
+        return preset.read_text(), f"preset {path}"
+    raise ConfigError(f"config file not found: {path} (nor a preset: {', '.join(preset_names())})")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """A config file or preset (None: the defaults) with `key.sub=value` overrides, checked (`validate`)."""
     tree: dict = {}
     origin = "defaults"
     if path is not None:
-        origin = str(path)
+        text, origin = read_config_text(path)
         try:
-            tree = yaml.safe_load(Path(path).read_text()) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
+            tree = yaml.safe_load(text) or {}
         except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+            raise ConfigError(f"{origin}: not valid YAML: {err}") from None
     for item in overrides or []:
         key, value = parse_override(item)
         _set_dotted(tree, key, value)
     if overrides:
         origin += " with --set " + " ".join(overrides)
-    return from_dict(Config, tree, origin)
+    return validate(from_dict(Config, tree, origin), origin)
 
 
-def config_from_json(path: str | Path) -> Config:
-    return from_dict(Config, json.loads(Path(path).read_text()), str(path))
+# (dotted key, test, what it must be): values in range, checked when a config is loaded
+RANGES = [
+    ("data.num_negatives", lambda v: v >= 0, ">= 0"), ("data.loader_workers", lambda v: v >= 0, ">= 0"),
+    ("model.image.image_size", lambda v: v > 0, "> 0"), ("model.text.pack_width", lambda v: v >= 0, ">= 0"),
+    ("model.dim", lambda v: v > 0, "> 0"), ("model.layers", lambda v: v > 0, "> 0"),
+    ("model.heads", lambda v: v > 0, "> 0"), ("model.dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("model.max_seq_len", lambda v: v > 0, "> 0"), ("model.sampled_negatives", lambda v: v >= 0, ">= 0"),
+    ("model.temperature", lambda v: v >= 0, ">= 0"), ("train.epochs", lambda v: v > 0, "> 0"),
+    ("train.max_steps", lambda v: v >= 0, ">= 0"), ("train.batch_size", lambda v: v > 0, "> 0"),
+    ("train.lr", lambda v: v >= 0, ">= 0"), ("train.encoder_lr", lambda v: v >= 0, ">= 0"),
+    ("train.warmup_steps", lambda v: v >= 0, ">= 0"), ("train.patience", lambda v: v >= 0, ">= 0"),
+    ("train.checkpoint_every", lambda v: v >= 0, ">= 0"), ("train.keep_checkpoints", lambda v: v > 0, "> 0"),
+    ("train.log_every", lambda v: v > 0, "> 0"), ("eval.every_epochs", lambda v: v >= 0, ">= 0"),
+    ("eval.batch_size", lambda v: v > 0, "> 0"), ("eval.item_batch_size", lambda v: v > 0, "> 0"),
+    ("cluster.num_workers", lambda v: v > 0, "> 0"), ("cluster.cpus_per_worker", lambda v: v > 0, "> 0"),
+    ("cluster.max_failures", lambda v: v >= 0, ">= 0"),
+]
+
+
+def _get_dotted(cfg: Config, dotted: str) -> Any:
+    value = cfg
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def validate(cfg: Config, origin: str = "config") -> Config:
+    """The checks of values in range and of rules that span fields; returns `cfg`, or raises a ConfigError that
+    names the key."""
+    for key, ok, must in RANGES:
+        if not ok(_get_dotted(cfg, key)):
+            raise ConfigError(f"{origin}: {key} must be {must}, got {_get_dotted(cfg, key)!r}")
+    model = cfg.model
+    if model.dim % model.heads:
+        raise ConfigError(f"{origin}: model.dim ({model.dim}) must be a multiple of model.heads ({model.heads})")
+    if model.loss == "bce" and cfg.data.num_negatives == 0:
+        raise ConfigError(f"{origin}: model.loss bce needs data.num_negatives >= 1")
+    if model.negatives == "mixed" and model.sampled_negatives == 0:
+        raise ConfigError(f"{origin}: model.negatives mixed needs model.sampled_negatives >= 1")
+    fixed_size = model.image.kwargs.get("img_size")  # a ViT takes one input size only
+    if fixed_size is not None and fixed_size != model.image.image_size:
+        raise ConfigError(f"{origin}: model.image.kwargs.img_size ({fixed_size}) differs from model.image.image_size "
+                          f"({model.image.image_size}), the size images are decoded to")
+    for tower in ("text", "image"):
+        if getattr(model, tower).cache_frozen and cfg.train.zero_stage == 3:
+            # ZeRO-3 gathers parameters collectively: every rank must run the frozen layers on every step
+            raise ConfigError(f"{origin}: model.{tower}.cache_frozen works with train.zero_stage 1 or 2, not 3")
+    return cfg

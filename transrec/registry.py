@@ -24,6 +24,3 @@ class Registry(Generic[T]):
         if name not in self._entries:
             raise KeyError(f"unknown {self.kind} {name!r}; known: {', '.join(sorted(self._entries))}")
         return self._entries[name]
-
-    def names(self) -> list[str]:
-        return sorted(self._entries)

@@ -19,7 +19,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,10 +28,11 @@ import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from transrec.network import LOOPBACK, free_port
+
 STATE_ENV = "TRANSREC_HOME"
 STATE_FILE = "cluster.json"
 MARKER_ENV = "TRANSREC_CLUSTER_ID"
-LOOPBACK = "127.0.0.1"
 
 
 class ClusterError(RuntimeError):
@@ -74,12 +74,6 @@ def _write_state(directory: Path, state: ClusterState) -> None:
     tmp.replace(directory / STATE_FILE)
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((LOOPBACK, 0))
-        return sock.getsockname()[1]
-
-
 def _free_ports(names: tuple[str, ...]) -> dict[str, int]:
     ports: dict[str, int] = {}
     while len(ports) < len(names):  # distinct, though each is only free "now"
@@ -96,13 +90,14 @@ def cluster_env(cluster_id: str, ports: dict[str, int], base: dict | None = None
         env["AUTOSCALER_METRIC_PORT"] = str(ports["autoscaler_metrics"])
         env["DASHBOARD_METRIC_PORT"] = str(ports["dashboard_metrics"])
     env.update({
-        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # node address 127.0.0.1, listeners on loopback (STACK.md)
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # node address 127.0.0.1, listeners on loopback (else Ray
+        # takes the host's address and listens on every interface)
         "RAY_AUTH_MODE": "disabled",
         "RAY_USAGE_STATS_ENABLED": "0",
         "HF_HUB_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
         MARKER_ENV: cluster_id,
-        # `python` in a job's entrypoint is this interpreter; one ninja for DeepSpeed's JIT cache (STACK.md)
+        # `python` in a job's entrypoint is this interpreter; one ninja for DeepSpeed's JIT cache
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
     })
     # Ray's own helpers inside the cluster that look for "the" local cluster (Ray Train's placement-group
@@ -320,6 +315,19 @@ def is_loopback(address: str) -> bool:
         or address.startswith("::ffff:127.")
 
 
+def cluster_nodes(url: str) -> list[dict]:
+    """The cluster's nodes through the dashboard's state API: [{"alive", "resources", "ip", "node_id"}]."""
+    from ray.util.state import list_nodes
+
+    try:
+        nodes = list_nodes(address=url, detail=True, timeout=30, raise_on_missing_output=False)
+    except Exception as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ClusterError(f"cannot list the nodes of {url}: {first}") from None
+    return [{"alive": node.state == "ALIVE", "resources": dict(node.resources_total or {}), "ip": node.node_ip,
+             "node_id": node.node_id, "head": bool(node.is_head_node)} for node in nodes]
+
+
 def status(directory: str | Path | None = None) -> dict:
     """The recorded cluster: addresses, whether it answers, its nodes' resources, its listeners."""
     directory = state_dir(directory)
@@ -330,8 +338,6 @@ def status(directory: str | Path | None = None) -> dict:
     info = {**asdict(state), "state_file": str(directory / STATE_FILE), "processes": len(pids),
             "running": bool(pids) and dashboard_ready(state.dashboard_url)}
     if info["running"]:
-        from transrec.cluster.jobs import cluster_nodes
-
         info["nodes"] = cluster_nodes(state.dashboard_url)
         socks = listeners(pids)
         info["listeners"] = len(socks)

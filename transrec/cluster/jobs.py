@@ -25,10 +25,11 @@ from urllib.parse import urlparse
 
 import yaml
 
-from transrec.cluster.embedded import ClusterError, is_loopback, read_state
+from transrec.cluster.embedded import ClusterError, cluster_nodes, is_loopback, read_state
 from transrec.cluster.scaling import check_scaling, resolve_use_gpu
 from transrec.config import Config, ConfigError, load_config
 from transrec.trainer.checkpoint_store import run_checkpoints
+from transrec.trainer.run_dir import check_dataset, check_model_parts
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
@@ -81,19 +82,6 @@ def client(url: str):
         raise ClusterError(f"{url} does not answer as a Ray Jobs API: {first}") from None
 
 
-def cluster_nodes(url: str) -> list[dict]:
-    """The cluster's nodes through the dashboard's state API: [{"alive", "resources", "ip", "node_id"}]."""
-    from ray.util.state import list_nodes
-
-    try:
-        nodes = list_nodes(address=url, detail=True, timeout=30, raise_on_missing_output=False)
-    except Exception as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ClusterError(f"cannot list the nodes of {url}: {first}") from None
-    return [{"alive": node.state == "ALIVE", "resources": dict(node.resources_total or {}), "ip": node.node_ip,
-             "node_id": node.node_id, "head": bool(node.is_head_node)} for node in nodes]
-
-
 def _localize(cfg: Config, local: bool) -> Config:
     """Paths the job reads and writes, as the cluster sees them: relative ones are made absolute against
     this directory for a cluster on this machine; for a remote cluster they must already be absolute
@@ -115,10 +103,9 @@ def prepare_submission(cfg: Config, url: str) -> Config:
     """The config as the job will run it, checked as far as it can be from here."""
     cfg = _localize(cfg, is_local(url))
     cfg = replace(cfg, cluster=replace(cfg.cluster, address=""))  # the driver runs on the cluster: Ray tells it
+    check_model_parts(cfg)
     if is_local(url):
-        if "://" not in cfg.data.path and not (Path(cfg.data.path) / "manifest.json").exists():
-            raise ConfigError(f"data.path={cfg.data.path}: no manifest.json there; write the dataset with "
-                              f"`transrec prepare` first")
+        check_dataset(cfg)
         run_checkpoints(cfg).check_writable()
     return cfg
 

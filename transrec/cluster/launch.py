@@ -16,7 +16,7 @@ from transrec.config import ClusterConfig, Config, from_dict
 
 def worker_env() -> dict[str, str]:
     """Environment of every worker: offline model loading, and this venv's tools first on PATH (ninja:
-    two different ninja binaries invalidate DeepSpeed's JIT extension cache, STACK.md)."""
+    two different ninja binaries invalidate DeepSpeed's JIT extension cache)."""
     env = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     for name in ("DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR", "TMPDIR", "MALLOC_MMAP_THRESHOLD_",
@@ -50,6 +50,8 @@ def connect(cluster: ClusterConfig) -> None:
         ray.init(address=state.gcs_address, runtime_env=runtime_env)
         return
     needed = cluster.num_workers * cluster.cpus_per_worker
+    # on loopback only, as the embedded cluster: no token to hand out (and no warning that there is none)
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     # the dashboard serves Ray's state API, which Ray Train's placement-group cleaner polls
     ray.init(num_cpus=max(os.cpu_count() or 1, needed), include_dashboard=True, dashboard_host="127.0.0.1",
              runtime_env=runtime_env)
@@ -68,6 +70,13 @@ def _worker_main(loop_config: dict) -> None:
     summary = train(cfg)
     if rank == 0:  # to the driver, which may run on another node
         loop_config["summaries"].put(summary)
+
+
+def prepare_and_train(cfg: Config, resume: bool) -> dict:
+    """Creates (with `resume`: reopens) the run directory of `cfg`, then trains it on the cluster."""
+    from transrec.trainer import run_dir
+
+    return train_on_cluster(run_dir.prepare(cfg, resume))
 
 
 def train_on_cluster(cfg: Config) -> dict:

@@ -9,7 +9,7 @@
 - `loader.TrainLoader`, `loader.EvalLoader`: what the trainer iterates.
 
 The names below are importable from this package; their modules load on first use, so that importing
-`transrec.dataloading.batch` (as the models do) stays cheap: no streaming, transformers or DALI.
+`transrec.batch` (as the models do) stays cheap: no streaming, transformers or DALI.
 """
 from __future__ import annotations
 

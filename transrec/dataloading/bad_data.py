@@ -32,7 +32,6 @@ from transrec.dataloading.item_store import ItemStore, log
 from transrec.dataloading.dataset_format import DataError
 from transrec.dataloading.prepare import load_tokenizer
 
-POLICIES = ("skip", "stop")
 MIN_TRAIN_ITEMS = 2  # a sample trains on (history, next item) pairs: it needs two items
 MAX_LOGGED = 5  # records logged per kind per epoch; the rest are only counted
 MAX_LISTED = 20  # records listed in a stop's message
@@ -53,12 +52,6 @@ class BadRecord:
 
     def __str__(self) -> str:
         return f"{self.file}: {self.record}: {self.problem}"
-
-
-def check_policy(policy: str) -> str:
-    if policy not in POLICIES:
-        raise ValueError(f"data.on_bad_record must be one of {POLICIES}, got {policy!r}")
-    return policy
 
 
 @dataclass(frozen=True)

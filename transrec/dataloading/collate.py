@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from transrec.dataloading.bad_data import NO_BAD_ITEMS, BadItems, check_sample
-from transrec.dataloading.batch import Batch, EvalBatch
+from transrec.batch import Batch, EvalBatch
 from transrec.dataloading.item_store import ItemStore
 
 HELD_OUT = {"valid": 2, "test": 1}  # target = items[-n]; history = items[:-n]
@@ -31,15 +31,18 @@ def sequence_rng(seed: int, epoch: int, user: int) -> np.random.Generator:
     return np.random.default_rng([seed, epoch, user])
 
 
-def choose_window(sequence: np.ndarray, length: int, rng: np.random.Generator, window: str) -> np.ndarray:
-    """`length` consecutive items: the most recent ("last"), or ending at a random position ("random"), so
-    that over the epochs a long history trains every one of its items, not only its last `length`."""
-    if window not in ("last", "random"):
-        raise ValueError(f"data.train_window must be last or random, got {window!r}")
+def choose_windows(sequence: np.ndarray, length: int, rng: np.random.Generator, window: str) -> list[np.ndarray]:
+    """Windows of at most `length` consecutive items, each trained as history = window[:-1], targets =
+    window[1:] (see config.DataConfig.train_window): "stride" tiles the history from its newest item back, each
+    window's first item the previous one's last, so every target position trains once; "last" keeps the
+    newest items only; "random" one window ending at a random position."""
     end = len(sequence)
+    if window == "stride":
+        ends = range(end, 1, -(length - 1))
+        return [sequence[max(e - length, 0):e] for e in ends]
     if window == "random" and end > length:
         end = int(rng.integers(length, end + 1))
-    return sequence[max(end - length, 0):end]
+    return [sequence[max(end - length, 0):end]]
 
 
 def sample_negatives(seen: np.ndarray, count: int, num_items: int, rng: np.random.Generator) -> np.ndarray:
@@ -57,42 +60,56 @@ def sample_negatives(seen: np.ndarray, count: int, num_items: int, rng: np.rando
 
 
 def collate_train(samples: list[dict], store: ItemStore, max_seq_len: int, num_negatives: int, seed: int,
-                  epoch: int, mode: str = "mom", window: str = "last", bad_items: BadItems = NO_BAD_ITEMS) -> Batch:
+                  epoch: int, mode: str = "mom", window: str = "stride", bad_items: BadItems = NO_BAD_ITEMS,
+                  negatives: str = "inbatch", sampled_negatives: int = 0) -> Batch:
     """Sequences {"user", "items", "sample_id"} -> Batch with JPEGs but undecoded images; `mode` routes items
     to encoders (ItemStore.item_batch).
 
-    A bad sequence (bad_data.check_sample) is left out, its BadRecord in `Batch.skipped`. Each sequence keeps
-    a window of max_seq_len + 1 items (see `choose_window`): history = window[:-1], targets = window[1:].
-    Negatives are drawn per target position from the items the user's whole train sequence lacks, never
-    from `bad_items`.
+    A bad sequence (bad_data.check_sample) is left out, its BadRecord in `Batch.skipped`. Each sequence gives
+    its windows of up to max_seq_len + 1 items (`choose_windows`), one row each. Per target position,
+    `num_negatives` items are drawn from those the user's whole train sequence lacks (bce). The batch's items
+    are those of its windows and negatives, plus, for the softmax's `negatives`, every item ("catalogue") or
+    `sampled_negatives` drawn uniformly ("mixed"); never an item of `bad_items`.
     """
     checks = [check_sample(s, store.num_items, bad_items) for s in samples]
     samples = [s for s, problem in zip(samples, checks) if problem is None]
     sequences = [np.asarray(s["items"], np.int64) for s in samples]
     rngs = [sequence_rng(seed, epoch, int(s["user"])) for s in samples]
-    windows = [choose_window(seq, max_seq_len + 1, rng, window) for seq, rng in zip(sequences, rngs)]
+    per_sequence = [choose_windows(seq, max_seq_len + 1, rng, window) for seq, rng in zip(sequences, rngs)]
+    windows = [w for ws in per_sequence for w in ws]
     history, mask = pad_sequences([w[:-1] for w in windows])
     targets, _ = pad_sequences([w[1:] for w in windows])
-    negatives = np.zeros(history.shape + (num_negatives,), np.int64)
-    for row, (rng, sequence, items) in enumerate(zip(rngs, sequences, windows)):
-        positions = len(items) - 1
-        drawn = sample_negatives(np.concatenate([sequence, bad_items.ids]), positions * num_negatives,
-                                 store.num_items, rng)
-        negatives[row, negatives.shape[1] - positions:] = drawn.reshape(positions, num_negatives)
+    negatives_per_position = np.zeros(history.shape + (num_negatives,), np.int64)
+    row = 0
+    for rng, sequence, sequence_windows in zip(rngs, sequences, per_sequence):
+        for items in sequence_windows:
+            positions = len(items) - 1
+            drawn = sample_negatives(np.concatenate([sequence, bad_items.ids]), positions * num_negatives,
+                                     store.num_items, rng)
+            negatives_per_position[row, history.shape[1] - positions:] = drawn.reshape(positions, num_negatives)
+            row += 1
+    extra = np.zeros(0, np.int64)
+    if negatives == "catalogue":
+        extra = np.setdiff1d(np.arange(store.num_items), bad_items.ids)
+    elif negatives == "mixed" and sampled_negatives:
+        users = [int(s["user"]) for s in samples]
+        batch_rng = np.random.default_rng([seed, epoch, len(users), *users])
+        extra = sample_negatives(bad_items.ids, sampled_negatives, store.num_items, batch_rng)
     # every distinct item once; positions refer to it by its row in `ids` (padding -> row 0, masked)
-    ids = np.unique(np.concatenate(windows + [negatives[mask].ravel()]))
+    ids = np.unique(np.concatenate(windows + [negatives_per_position[mask].ravel(), extra]))
 
     def rows(global_ids: np.ndarray, where: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.where(where, np.searchsorted(ids, global_ids), 0))
 
     return Batch(
         items=store.item_batch(ids, mode=mode),
+        row_ids=torch.from_numpy(ids),
         users=torch.tensor([int(s["user"]) for s in samples], dtype=torch.int64),
         history=rows(history, mask),
         history_mask=torch.from_numpy(mask),
         targets=rows(targets, mask),
         target_mask=torch.from_numpy(mask.copy()),
-        negatives=rows(negatives, mask[..., None]),
+        negatives=rows(negatives_per_position, mask[..., None]),
         skipped=[problem for problem in checks if problem is not None],
     )
 
@@ -110,11 +127,13 @@ class TrainCollator:
     mode: str
     window: str
     bad_items: BadItems = NO_BAD_ITEMS
+    negatives: str = "inbatch"
+    sampled_negatives: int = 0
 
     def __call__(self, samples: list[list[dict]]) -> Batch:
         sequences = [sequence for block in samples for sequence in block]
         batch = collate_train(sequences, self.store, self.max_seq_len, self.num_negatives, self.seed, self.epoch,
-                              self.mode, self.window, self.bad_items)
+                              self.mode, self.window, self.bad_items, self.negatives, self.sampled_negatives)
         batch.stream_samples = len(samples)
         return batch
 

@@ -1,17 +1,16 @@
 """The item table of a dataset directory: O(1) access to any item's tokens (memory-mapped) and JPEG (pread)."""
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
 import numpy as np
 import torch
 
-from transrec.dataloading.batch import IMAGE, TEXT, ItemBatch
+from transrec.batch import IMAGE, TEXT, ItemBatch
 from transrec.dataloading.images import ImageDecoder, decode_or_blank
-from transrec.dataloading.dataset_format import FORMAT_VERSION, MANIFEST, DatasetFileError
-from transrec.dataloading.prepare import sha256_file
+from transrec.dataloading.dataset_format import DatasetFileError, read_manifest
+from transrec.fileio import sha256_file
 
 log = logging.getLogger("transrec.data")
 ITEM_ARRAYS = ("modality", "tokens", "token_lengths", "image_offsets", "popularity")
@@ -19,17 +18,6 @@ VERIFY_MODES = ("full", "size")
 # Which encoder gets an item (= model.item_encoder): by its modality, every item as text, every item as an
 # image, or none (an ID table needs only `ids`).
 ITEM_MODES = ("mom", "text", "image", "id")
-
-
-def read_manifest(root: str | Path) -> dict:
-    path = Path(root) / MANIFEST
-    if not path.is_file():
-        raise DatasetFileError(f"{path}: missing (not a dataset directory written by transrec prepare?)")
-    manifest = json.loads(path.read_text())
-    if manifest.get("format") != FORMAT_VERSION:
-        raise DatasetFileError(f"{path}: format {manifest.get('format')}, this transrec reads format "
-                               f"{FORMAT_VERSION}: prepare the data set again")
-    return manifest
 
 
 def size_problem(size: int, expected: int) -> str | None:

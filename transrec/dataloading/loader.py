@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
+import torch
 from streaming import StreamingDataset
 from streaming.base.format import reader_from_json
 from streaming.base.storage import CloudDownloader
@@ -32,13 +33,14 @@ from torch.utils.data import DataLoader
 
 from transrec.config import DataConfig
 from transrec.dataloading.bad_data import (
-    NO_BAD_ITEMS, BadRecord, BadRecordLog, check_policy, check_sample, find_bad_items, log, stop,
+    NO_BAD_ITEMS, BadRecord, BadRecordLog, check_sample, find_bad_items, log, stop,
 )
-from transrec.dataloading.batch import Batch, EvalBatch
+from transrec.batch import Batch, EvalBatch
 from transrec.dataloading.collate import HELD_OUT, TrainCollator, collate_eval
 from transrec.dataloading.images import ImageDecoder, decode_or_blank
 from transrec.dataloading.dataset_format import MANIFEST, DataError, DatasetFileError
-from transrec.dataloading.item_store import ITEM_MODES, ItemStore, read_manifest
+from transrec.dataloading.dataset_format import read_manifest
+from transrec.dataloading.item_store import ITEM_MODES, ItemStore
 from transrec.dataloading.prepare import MIN_INTERACTIONS, unpack_sequences
 
 STREAMED_SPLIT = "train/"  # a remote dataset's train shards stream; every other file is fetched up front
@@ -190,14 +192,16 @@ class TrainLoader:
 
     def __init__(self, data_cfg: DataConfig, dataset_dir: str | Path, batch_size: int, max_seq_len: int,
                  num_negatives: int, seed: int, rank: int, world_size: int, decoder: ImageDecoder | None,
-                 mode: str = "mom", prefetch_batches: int = 2, verify: str = "full"):
+                 mode: str = "mom", prefetch_batches: int = 2, verify: str = "full", negatives: str = "inbatch",
+                 sampled_negatives: int = 0):
         if mode not in ITEM_MODES:
             raise ValueError(f"item mode must be one of {ITEM_MODES}, got {mode!r}")
         _use_rank(rank, world_size)
         self.data_cfg, self.max_seq_len = data_cfg, max_seq_len
         self.num_negatives, self.seed, self.world_size = num_negatives, seed, world_size
         self.decoder, self.mode, self.prefetch_batches = decoder, mode, prefetch_batches
-        self.policy = check_policy(data_cfg.on_bad_record)
+        self.negatives, self.sampled_negatives = negatives, sampled_negatives  # what else a batch holds (collate)
+        self.policy = data_cfg.on_bad_record
         self.local_dir = local_dataset_dir(dataset_dir, data_cfg.cache_dir)
         streamed = (STREAMED_SPLIT,) if is_remote(dataset_dir) else ()
         tolerated = (STREAMED_SPLIT,) if self.policy == "skip" else ()  # a bad train shard is skipped
@@ -206,9 +210,11 @@ class TrainLoader:
         remote = f"{str(dataset_dir).rstrip('/')}/train" if is_remote(dataset_dir) else None
         nodes = int(os.environ["WORLD_SIZE"]) // int(os.environ["LOCAL_WORLD_SIZE"])
         with shm_registration_turn():
+            # predownload and shuffle_block_size are streaming's defaults, said out loud (it logs them otherwise)
             self._stream = _SequenceShards(remote=remote, local=str(self.local_dir / "train"), shuffle=True,
                                            shuffle_seed=data_cfg.shuffle_seed, batch_size=self.blocks_per_batch,
-                                           num_canonical_nodes=nodes)
+                                           num_canonical_nodes=nodes, predownload=8 * self.blocks_per_batch,
+                                           shuffle_block_size=max(4_000_000 // nodes, 1 << 18))
         self._check_data(scan_sequences=remote is None)
         self._bad = BadRecordLog()
         self.epoch = 0
@@ -294,11 +300,17 @@ class TrainLoader:
         self._stream.load_state_dict(self._stream_state())
         self._stream.next_epoch = self.epoch  # else a state older than streaming's epoch count is ignored
         collator = TrainCollator(self.store, self.max_seq_len, self.num_negatives, self.seed, self.epoch,
-                                 self.mode, self.data_cfg.train_window, self.bad_items)
+                                 self.mode, self.data_cfg.train_window, self.bad_items, self.negatives,
+                                 self.sampled_negatives)
         workers = self.data_cfg.loader_workers
         batches = DataLoader(self._stream, batch_size=self.blocks_per_batch, num_workers=workers,
                              collate_fn=collator)
-        prefetcher = _Prefetcher(iter(batches), self._decode_images, self.prefetch_batches)
+        # A DataLoader draws its workers' base seed from torch's global RNG when it starts iterating: at an
+        # epoch's start in an uninterrupted run, but mid-epoch after a resume, which would shift every later
+        # dropout mask. The data side never moves the model's random stream.
+        with torch.random.fork_rng(devices=[]):
+            started = iter(batches)
+        prefetcher = _Prefetcher(started, self._decode_images, self.prefetch_batches)
         previous = None
         try:
             for batch in prefetcher:

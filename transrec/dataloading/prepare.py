@@ -26,7 +26,6 @@ A directory appears complete or not at all: it is built in a temp dir beside DIR
 from __future__ import annotations
 
 import array
-import hashlib
 import json
 import os
 import shutil
@@ -41,9 +40,10 @@ from streaming import MDSWriter
 from streaming.base.util import merge_index
 
 from transrec.dataloading import resolve_pretrained_path
-from transrec.dataloading.batch import IMAGE, TEXT
+from transrec.batch import IMAGE, TEXT
 from transrec.dataloading.dataset_format import FORMAT_VERSION, MANIFEST, DataError
 from transrec.dataloading.posters import SHAPES, render_poster, tag_color
+from transrec.fileio import describe_files, sha256_file
 
 MIN_INTERACTIONS = 3  # train needs one item, valid and test one each
 SPLIT_RULE = (
@@ -69,13 +69,6 @@ def load_tokenizer(name: str):
 
     return AutoTokenizer.from_pretrained(resolve_pretrained_path(name), local_files_only=True)
 
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def choose_modalities(num_items: int, image_fraction: float, seed: int) -> np.ndarray:
@@ -326,23 +319,6 @@ def _chunks(records: Iterable[ItemRecord], size: int) -> Iterator[list[ItemRecor
         yield chunk
 
 
-def describe_files(root: Path, flush: bool = False) -> dict[str, dict]:
-    """Every file under `root`: relative path -> size and sha256 (a manifest's `files`); with `flush`, each
-    file is fsynced first, so the manifest never vouches for bytes still in the page cache."""
-    files = {}
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        if flush:
-            fsync(path)
-        files[path.relative_to(root).as_posix()] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
-    return files
-
-
-def fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # ---- MovieLens (RecBole atomic files) -------------------------------------------------------------------

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from transrec.dataloading.batch import IMAGE
+from transrec.batch import IMAGE
 from transrec.dataloading.posters import RGB, SHAPES, render_poster, tag_color
 from transrec.dataloading.dataset_format import USERS_PER_SAMPLE
 from transrec.dataloading.prepare import TOKENIZE_CHUNK, DatasetWriter, ItemRecord, SequenceWriter, choose_modalities

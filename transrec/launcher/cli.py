@@ -17,7 +17,7 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, help="YAML config (see configs/)")
+    parser.add_argument("--config", required=True, help="a YAML file, or a preset by name: tiny, demo, ml100k-id, ... (transrec/configs/)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value by its dotted key, e.g. --set train.epochs=3")
     parser.add_argument("--resume", action="store_true", help="continue the run from its latest checkpoint")
@@ -76,16 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="synthetic source -> pretrain -> fine-tune on a disjoint target")
     demo.add_argument("--workdir", type=Path, default=Path("."), help="where data/, runs/ and exports/ go")
-    demo.add_argument("--config", default=str(Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"))
+    demo.add_argument("--config", default="demo", help="a YAML file or a preset name")
     cluster_commands.add_parsers(commands)
     return parser
-
-
-def run_training(cfg, resume: bool) -> dict:
-    from transrec.cluster.launch import train_on_cluster
-    from transrec.trainer import run_dir
-
-    return train_on_cluster(run_dir.prepare(cfg, resume))
 
 
 def command_prepare(args) -> None:
@@ -132,7 +125,9 @@ def main(argv: list[str] | None = None) -> int:
             command_prepare(args)
         elif args.command in ("pretrain", "finetune"):
             overrides = args.overrides + ([f"init_from={args.init_from}"] if args.command == "finetune" else [])
-            summary = run_training(load_config(args.config, overrides), args.resume)
+            from transrec.cluster.launch import prepare_and_train
+
+            summary = prepare_and_train(load_config(args.config, overrides), args.resume)
             print(json.dumps({"name": summary["name"], "best": summary["best"]}, indent=2))
         elif args.command == "evaluate":
             command_evaluate(args)

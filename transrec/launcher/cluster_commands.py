@@ -13,6 +13,7 @@ import sys
 
 from transrec.cluster.embedded import ClusterError
 from transrec.config import ConfigError
+from transrec.dataloading.dataset_format import DatasetFileError
 
 COMMANDS: tuple[str, ...] = ("cluster", "submit", "jobs", "logs", "stop")
 
@@ -50,7 +51,7 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     _state_dir_arg(node)
 
     submit = commands.add_parser("submit", help="submit a pretraining job to a Ray cluster (Jobs API)")
-    submit.add_argument("--config", required=True, help="YAML config (see configs/)")
+    submit.add_argument("--config", required=True, help="a YAML file, or a preset by name (transrec/configs/)")
     submit.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     submit.add_argument("--resume", action="store_true", help="continue the run from its latest checkpoint")
     submit.add_argument("--follow", action="store_true", help="print the job's logs until it ends")
@@ -132,6 +133,6 @@ def run(args: argparse.Namespace) -> int:
             print(f"job {args.job_id}: {final}")
             return 0 if final in jobs.TERMINAL else 1
         return 0
-    except (ClusterError, ConfigError) as err:
+    except (ClusterError, ConfigError, DatasetFileError) as err:
         print(f"transrec {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -18,7 +18,7 @@ TARGET = {"users": 600, "items": 400, "seed": 1}
 
 def run_demo(workdir: Path, config_path: str) -> dict:
     from transrec.dataloading.synthetic import prepare_synthetic
-    from transrec.launcher.cli import run_training
+    from transrec.cluster.launch import prepare_and_train
     from transrec.models import TransRec
     from transrec.trainer.evaluate import evaluate_model
     from transrec.trainer.export import export
@@ -33,12 +33,12 @@ def run_demo(workdir: Path, config_path: str) -> dict:
     def config(name: str, dataset: str, *extra: str):
         return load_config(config_path, [f"name={name}", f"output_dir={runs}", f"data.path={data / dataset}", *extra])
 
-    pretrained = run_training(config("demo-pretrain", "source"), resume=False)
+    pretrained = prepare_and_train(config("demo-pretrain", "source"), resume=False)
     export_dir = export(runs / "demo-pretrain", exports / "demo")
     target_cfg = config("demo-zero-shot", "target")
     zero_shot = evaluate_model(TransRec.from_pretrained(export_dir), str(data / "target"), target_cfg)["test"]
-    finetuned = run_training(config("demo-finetune", "target", f"init_from={export_dir}"), resume=False)
-    scratch = run_training(config("demo-scratch", "target"), resume=False)
+    finetuned = prepare_and_train(config("demo-finetune", "target", f"init_from={export_dir}"), resume=False)
+    scratch = prepare_and_train(config("demo-scratch", "target"), resume=False)
 
     rows = [
         ("source", "popularity", pretrained["popularity"]["test"]),

@@ -62,11 +62,8 @@ class ImageItemEncoder(nn.Module):
             if missing:
                 raise ValueError(f"{cfg.weights} does not fit timm {cfg.name!r}: missing {missing[:5]}")
         self.proj = nn.Linear(self.body.num_features, dim)
-        # The input size the backbone expects, for the empty batch of a step without image items.
-        # (ViTs check it; the default config's size is wrong when img_size is passed in kwargs.)
-        patch_embed = getattr(self.body, "patch_embed", None)
-        size = getattr(patch_embed, "img_size", None) or self.body.pretrained_cfg["input_size"][1:]
-        self.input_size: tuple[int, int] = tuple(size)
+        # The size images are decoded to (the loader reads it from here, so an export feeds itself right).
+        self.input_size: tuple[int, int] = (cfg.image_size, cfg.image_size)
         # With cache_frozen, the body runs as its stem and frozen blocks (computed once per item, kept in
         # frozen_cache), then its trainable blocks and head.
         self.cache_frozen = cfg.cache_frozen and cfg.trainable_blocks >= 0

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from transrec.config import ModelConfig
-from transrec.dataloading.batch import ItemBatch
+from transrec.batch import ItemBatch
 from transrec.models.image_encoder import ImageItemEncoder
 from transrec.models.text_encoder import TextItemEncoder
 from transrec.registry import Registry
@@ -26,6 +26,9 @@ class IDItemEncoder(nn.Module):
         if cfg.num_items <= 0:
             raise ValueError("the id item encoder needs model.num_items (set from the dataset manifest)")
         self.embedding = nn.Embedding(cfg.num_items, cfg.dim)
+        # Small, as BERT and SASRec start theirs: at N(0, 1) the first logits are ~dim in size, the softmax
+        # saturates and Adam needs ~1/lr steps to shrink them (ml-100k: test NDCG@10 0.04 instead of 0.10).
+        nn.init.normal_(self.embedding.weight, std=0.02)
 
     def forward(self, items: ItemBatch) -> torch.Tensor:
         return self.embedding(items.ids)

@@ -1,14 +1,14 @@
 """Training losses over the P predicting positions of a batch.
 
 Every loss takes
-    user_vecs      [P, d]  user state at each predicting position
-    item_vecs      [U, d]  the batch's distinct items (rows of ItemBatch.ids)
-    target_rows    [P]     row of each position's target item
-    negative_rows  [P, K]  rows of sampled negatives (K may be 0; the in-batch loss uses all rows instead)
-    item_ids       [U]     global item index of each row
-    positives      [P, U]  optional: True for rows the position's user interacted with (the target
-                           included); those are never treated as negatives. Default: the target only.
-and returns the mean over the P positions (0 when P == 0), computed in float32.
+    users       [P, d]  user state at each predicting position (as scored: over the temperature, if any)
+    candidates  [C, d]  the candidate items (negatives.py says which), as scored
+    targets     [P]     row of each position's target among the candidates
+    negatives   [P, K]  rows of items sampled per position (bce; K may be 0)
+    excluded    (positions, rows) of the pairs that are no negatives (items the user interacted with), or None
+    log_q       [C]     log of each candidate's chance of being drawn, subtracted from its logit, or None
+and returns the SUM over the P positions in float32 (0 when P == 0): the caller normalizes, by the positions
+of the global batch when ranks share their items.
 """
 from __future__ import annotations
 
@@ -21,71 +21,36 @@ from transrec.registry import Registry
 LOSSES: Registry[type[nn.Module]] = Registry("loss")
 
 
-def _positives(positives: torch.Tensor | None, target_rows: torch.Tensor, num_rows: int) -> torch.Tensor:
-    return F.one_hot(target_rows, num_rows).bool() if positives is None else positives
+@LOSSES.register("softmax")
+class SoftmaxLoss(nn.Module):
+    """Cross-entropy of the target against every candidate (sampled softmax; exact over the catalogue).
 
+    With log_q, each logit is corrected by the candidate's sampling probability (Yi et al. 2019): a popular
+    item is drawn into the candidate set more often than a rare one, so it is over-penalized as a negative
+    unless its logit is lowered by log q.
+    """
 
-class Loss(nn.Module):
-    def set_item_popularity(self, counts: torch.Tensor) -> None:
-        """Interaction count of every item [N]; losses that correct for popularity-biased sampling use it."""
+    def forward(self, users: torch.Tensor, candidates: torch.Tensor, targets: torch.Tensor,
+                negatives: torch.Tensor, excluded: tuple[torch.Tensor, torch.Tensor] | None = None,
+                log_q: torch.Tensor | None = None) -> torch.Tensor:
+        logits = users.float() @ candidates.float().T  # [P, C]
+        if log_q is not None:
+            logits = logits - log_q
+        if excluded is not None:  # (in place: the matmul does not keep its output for its backward)
+            logits.index_put_(excluded, logits.new_tensor(float("-inf")))
+        return F.cross_entropy(logits, targets, reduction="sum")
 
 
 @LOSSES.register("bce")
-class BCELoss(Loss):
-    """TransRec: binary cross-entropy, the target as a positive and each sampled negative as a negative."""
+class BCELoss(nn.Module):
+    """TransRec's objective: binary cross-entropy, the target a positive, each sampled negative a negative. The
+    loader draws the negatives from the items the user never interacted with, so none needs excluding."""
 
-    def forward(
-        self,
-        user_vecs: torch.Tensor,
-        item_vecs: torch.Tensor,
-        target_rows: torch.Tensor,
-        negative_rows: torch.Tensor,
-        item_ids: torch.Tensor,
-        positives: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        users, items = user_vecs.float(), item_vecs.float()
-        pos_logits = (users * items[target_rows]).sum(-1)  # [P]
-        neg_logits = torch.einsum("pd,pkd->pk", users, items[negative_rows])  # [P, K]
-        # A sampled negative the user did interact with (e.g. the target itself) is no negative.
-        keep = ~_positives(positives, target_rows, items.size(0)).gather(1, negative_rows)
+    def forward(self, users: torch.Tensor, candidates: torch.Tensor, targets: torch.Tensor,
+                negatives: torch.Tensor, excluded: tuple[torch.Tensor, torch.Tensor] | None = None,
+                log_q: torch.Tensor | None = None) -> torch.Tensor:
+        users, candidates = users.float(), candidates.float()
+        pos_logits = (users * candidates[targets]).sum(-1)  # [P]
+        neg_logits = torch.einsum("pd,pkd->pk", users, candidates[negatives])  # [P, K]
         # -log sigmoid(x) = softplus(-x); -log(1 - sigmoid(x)) = softplus(x)
-        per_position = F.softplus(-pos_logits) + (F.softplus(neg_logits) * keep).sum(-1)
-        return per_position.sum() / max(per_position.numel(), 1)
-
-
-@LOSSES.register("inbatch")
-class InBatchSoftmaxLoss(Loss):
-    """Sampled softmax over the batch's distinct items, with the logQ correction (Yi et al., 2019).
-
-    Items enter the candidate set as often as they occur in training data, so popular items are
-    over-sampled as negatives; subtracting log q(item) from every candidate logit (the target's too)
-    makes the softmax estimate the one over all items. Without popularity set, no correction.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        # Not persistent: popularity is a property of the training data, not of the model.
-        self.register_buffer("log_q", torch.zeros(0), persistent=False)
-
-    def set_item_popularity(self, counts: torch.Tensor) -> None:
-        # An item never seen in training counts once, so its log q stays finite.
-        counts = counts.double().clamp_min(1)
-        self.log_q = (counts / counts.sum()).log().float().to(self.log_q.device)
-
-    def forward(
-        self,
-        user_vecs: torch.Tensor,
-        item_vecs: torch.Tensor,
-        target_rows: torch.Tensor,
-        negative_rows: torch.Tensor,
-        item_ids: torch.Tensor,
-        positives: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        logits = user_vecs.float() @ item_vecs.float().T  # [P, U]
-        if self.log_q.numel():
-            logits = logits - self.log_q[item_ids]
-        # The user's other items are no negatives either; the target stays the label.
-        others = _positives(positives, target_rows, logits.size(1)).clone()
-        others[torch.arange(len(target_rows), device=logits.device), target_rows] = False
-        logits = logits.masked_fill(others, float("-inf"))
-        return F.cross_entropy(logits, target_rows, reduction="sum") / max(len(target_rows), 1)
+        return (F.softplus(-pos_logits) + F.softplus(neg_logits).sum(-1)).sum()

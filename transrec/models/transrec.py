@@ -4,16 +4,18 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import safetensors.torch
 import torch
 from torch import nn
 
 from transrec.config import ModelConfig, from_dict
-from transrec.dataloading.batch import Batch, ItemBatch
+from transrec.batch import Batch, ItemBatch
 from transrec.models.image_encoder import ImageItemEncoder, split_blocks
 from transrec.models.item_encoders import ITEM_ENCODERS
 from transrec.models.losses import LOSSES
+from transrec.models.negatives import log_inclusion
 from transrec.models.text_encoder import TextItemEncoder
 from transrec.models.user_encoder import USER_ENCODERS
 
@@ -57,6 +59,22 @@ def read_export_config(directory: str | Path) -> tuple[ModelConfig, dict | None]
     return from_dict(ModelConfig, saved, str(config_path)), adapters
 
 
+class StepOutput(NamedTuple):
+    loss: torch.Tensor
+    item_vectors: torch.Tensor  # [R, d] of every row of batch.row_ids, detached (for an ItemVectorBank)
+
+
+def seen_pairs(batch: Batch, predicting: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(position, row) pairs of each predicting position and the other items of its window (history and
+    targets): the user interacted with them, so they are no negatives. O(positions x window), not x catalogue."""
+    window = torch.cat([batch.history, batch.targets], 1)  # [B, 2T]
+    valid = torch.cat([batch.history_mask, batch.target_mask], 1)
+    row = predicting.nonzero()[:, 0]
+    items, keep = window[row], valid[row] & (window[row] != targets[:, None])
+    positions = torch.arange(row.numel(), device=row.device)[:, None].expand_as(items)
+    return positions[keep], items[keep]
+
+
 class TransRec(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -65,6 +83,8 @@ class TransRec(nn.Module):
         self.item_encoder = ITEM_ENCODERS.get(cfg.item_encoder)(cfg)
         self.user_encoder = USER_ENCODERS.get(cfg.user_encoder)(cfg)
         self.loss = LOSSES.get(cfg.loss)()
+        # train frequency of each item (set_item_popularity): data, not weights, so not saved with the model
+        self.register_buffer("popularity", torch.zeros(0), persistent=False)
         if cfg.gradient_checkpointing:
             for tower in self.towers():
                 tower.enable_gradient_checkpointing()
@@ -86,32 +106,53 @@ class TransRec(nn.Module):
         Only scores see them; the user encoder reads the item vectors as encoded."""
         return nn.functional.normalize(vectors, dim=-1) if self.cfg.temperature > 0 else vectors
 
-    def forward(self, batch: Batch) -> torch.Tensor:
-        """The training loss of a batch: each distinct item is encoded once, then gathered into place."""
-        vectors = self.encode_items(batch.items)
+    def predicting(self, batch: Batch) -> torch.Tensor:
+        """[B, T] True at the positions whose state predicts a target: every one with a target (causal), or only
+        the newest (bidirectional states have seen the whole history, their own targets included)."""
+        if self.user_encoder.causal:
+            return batch.target_mask
+        predicting = batch.target_mask.clone()
+        predicting[:, :-1] = False
+        return predicting
+
+    @property
+    def candidates_are_sampled(self) -> bool:
+        """Whether the softmax sees a sample of the catalogue (to be corrected by log q) or all of it."""
+        sampled_bank = self.cfg.negatives == "bank" and self.cfg.sampled_negatives > 0
+        return self.cfg.negatives in ("inbatch", "mixed") or sampled_bank
+
+    def set_item_popularity(self, counts: torch.Tensor) -> None:
+        """Train interactions of every item [N], for the logQ correction (an item never seen counts once)."""
+        counts = counts.double().clamp_min(1)
+        self.popularity = (counts / counts.sum()).float().to(self.popularity.device)
+
+    def forward(self, batch: Batch, gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                normalizer: float | None = None, extra: tuple[torch.Tensor, torch.Tensor] | None = None
+                ) -> StepOutput:
+        """The training loss of a batch: each distinct item is encoded once, then gathered into place.
+
+        `gather` maps the vectors of `batch.items` to those of every row of `batch.row_ids` (ranks sharing
+        their items: each encodes its share, trainer/item_sharing.py); `normalizer` divides the summed loss
+        (default: this batch's predicting positions); `extra` = (ids, vectors) of more negatives, no gradient."""
+        own = self.encode_items(batch.items)
+        vectors = own if gather is None else gather(own)  # [R, d]
         hidden = self.user_encoder(vectors[batch.history], batch.history_mask)
-        predicting = batch.target_mask
-        if not self.user_encoder.causal:
-            # Bidirectional states have seen the whole history: only the last one may predict what follows.
-            predicting = predicting.clone()
-            predicting[:, :-1] = False
-        # The rows each user interacted with in this batch are never negatives for that user.
-        B, T = batch.history.shape
-        user = torch.arange(B, device=vectors.device).unsqueeze(1).expand(B, T)
-        seen = torch.zeros(B, vectors.size(0), dtype=torch.bool, device=vectors.device)
-        seen[user[batch.history_mask], batch.history[batch.history_mask]] = True
-        seen[user[batch.target_mask], batch.targets[batch.target_mask]] = True
+        predicting = self.predicting(batch)
         users = self.scoring(hidden[predicting])
         if self.cfg.temperature > 0:
             users = users / self.cfg.temperature
-        return self.loss(
-            users,
-            self.scoring(vectors),
-            batch.targets[predicting],
-            batch.negatives[predicting],
-            batch.items.ids,
-            seen[user[predicting]],
-        )
+        candidates, candidate_ids = self.scoring(vectors), batch.row_ids
+        if extra is not None:
+            candidates = torch.cat([candidates, self.scoring(extra[1].to(candidates.dtype))])
+            candidate_ids = torch.cat([candidate_ids, extra[0]])
+        targets = batch.targets[predicting]
+        log_q = None
+        if self.cfg.logq_correction and self.popularity.numel() and self.candidates_are_sampled:
+            sampled = self.cfg.sampled_negatives if self.cfg.negatives in ("mixed", "bank") else 0
+            log_q = log_inclusion(self.popularity, targets.numel(), sampled)[candidate_ids]
+        excluded = seen_pairs(batch, predicting, targets) if self.cfg.mask_seen else None
+        loss = self.loss(users, candidates, targets, batch.negatives[predicting], excluded, log_q)
+        return StepOutput(loss / (normalizer or max(targets.numel(), 1)), vectors.detach())
 
     def param_groups(self, lr: float, encoder_lr: float, weight_decay: float) -> list[dict]:
         """Optimizer groups of the trainable parameters: pretrained tower bodies at encoder_lr (gently, not to

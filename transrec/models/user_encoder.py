@@ -16,11 +16,10 @@ class TransformerUserEncoder(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        if cfg.attention not in ("causal", "bidirectional"):
-            raise ValueError(f"model.attention must be causal or bidirectional, got {cfg.attention!r}")
         self.causal = cfg.attention == "causal"
         self.heads = cfg.heads
         self.positions = nn.Embedding(cfg.max_seq_len, cfg.dim)
+        nn.init.normal_(self.positions.weight, std=0.02)  # on the scale of the item vectors it is added to
         self.norm = nn.LayerNorm(cfg.dim)
         self.dropout = nn.Dropout(cfg.dropout)
         layer = nn.TransformerEncoderLayer(

@@ -19,17 +19,17 @@ import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from transrec.dataloading.prepare import describe_files
+from transrec.fileio import describe_files
 from transrec.trainer.checkpoint_store import MANIFEST, STAGING, CheckpointStore, step_of
-from transrec.trainer.evaluate import rank_and_world
+from transrec.trainer.distributed import all_gather_object, barrier, rank_and_world
 
 UNIVERSAL = "universal"  # tag_dir/universal: the tag converted for another world size
+SHARED_STATE = "shared_state.pt"  # state every rank holds alike, written once
 
 
 class CheckpointWarning(UserWarning):
@@ -59,51 +59,27 @@ def restore_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def rng_isolated(batches: Iterable) -> Iterator:
-    """Yields from `batches` without letting it draw from the global RNGs the model's dropout uses.
-
-    A DataLoader draws its workers' base seed from torch's global RNG when it starts iterating: at the
-    start of an epoch in an uninterrupted run, but mid-epoch after a resume, which would shift every
-    later dropout mask. Here the data side never moves the model's random stream."""
-    iterator = iter(batches)
-    while True:
-        with torch.random.fork_rng(devices=[]):
-            batch = next(iterator, StopIteration)
-        if batch is StopIteration:
-            return
-        yield batch
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def _all_gather(value) -> list:
-    if not dist.is_initialized():
-        return [value]
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, value)
-    return gathered
-
-
-def save(engine, store: CheckpointStore, tag: str, trainer_state: dict, keep: int, protected: set[str]) -> None:
-    """Saves the engine and every rank's trainer state as `tag`, publishes it, then prunes to `keep` tags."""
+def save(engine, store: CheckpointStore, tag: str, trainer_state: dict, keep: int, protected: set[str],
+         shared_state: dict | None = None) -> None:
+    """Saves the engine and every rank's trainer state as `tag`, publishes it, then prunes to `keep` tags.
+    `shared_state` (the same on every rank, e.g. the item-vector bank) is written once, by rank 0."""
     rank, world = rank_and_world()
     if rank == 0:
         store.begin(tag)
-    _barrier()
+    barrier()
     private = store.private_dir(tag, rank)
     engine.save_checkpoint(str(private), tag=tag, save_latest=False)
     torch.save({**trainer_state, "rng": rng_state()}, private / tag / f"rank{rank}_state.pt")
+    if rank == 0:
+        torch.save(shared_state or {}, private / tag / SHARED_STATE)
     files = describe_files(private / tag, flush=True)  # each rank hashes its own files
     store.put(private, tag)
-    every_rank = _all_gather(files)  # (and once gathered, every rank's files are in place)
+    every_rank = all_gather_object(files)  # (and once gathered, every rank's files are in place)
     if rank == 0:
         manifest = {"tag": tag, "world_size": world, "zero_stage": engine.zero_optimization_stage(),
                     "files": dict(sorted(kv for files in every_rank for kv in files.items()))}
         store.publish(tag, manifest, keep, protected)
-    _barrier()
+    barrier()
 
 
 @dataclass(frozen=True)
@@ -164,7 +140,7 @@ def find_resume_point(store: CheckpointStore) -> ResumePoint | None:
         if tag is None:
             return None
         local, found = store.fetch(tag)
-        damaged = sorted({problem for problems in _all_gather(found) for problem in problems})
+        damaged = sorted({problem for problems in all_gather_object(found) for problem in problems})
         if not damaged:
             break
         shutil.rmtree(local)  # only a download can be damaged here: `problems` checked the directory store
@@ -175,7 +151,7 @@ def find_resume_point(store: CheckpointStore) -> ResumePoint | None:
     point = ResumePoint(local, tag, manifest["world_size"], downloaded=not store.is_directory)
     if point.universal and (rank == 0 or point.downloaded):  # each download is converted by its own rank
         to_universal(local / tag)
-    _barrier()
+    barrier()
     return point
 
 
@@ -197,8 +173,9 @@ def to_universal(tag_dir: Path) -> Path:
     return out
 
 
-def load(engine, point: ResumePoint) -> dict:
-    """Restores the engine (model, optimizer, LR schedule) from `point` and returns this rank's trainer state.
+def load(engine, point: ResumePoint) -> tuple[dict, dict]:
+    """Restores the engine (model, optimizer, LR schedule) from `point`; returns this rank's trainer state and
+    the shared state.
 
     On another world size, a rank the checkpoint has no state for takes rank 0's (the loader position and the
     counters are global) but keeps its own fresh RNG."""
@@ -224,9 +201,10 @@ def load(engine, point: ResumePoint) -> dict:
     rng = state.pop("rng")
     if own:
         restore_rng_state(rng)
+    shared = torch.load(point.checkpoint_dir / point.tag / SHARED_STATE, weights_only=True)
     if point.downloaded:
         shutil.rmtree(point.checkpoint_dir)
-    return state
+    return state, shared
 
 
 def consolidated_state_dict(store: CheckpointStore, tag: str | None = None) -> dict[str, torch.Tensor]:

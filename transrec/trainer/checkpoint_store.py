@@ -27,7 +27,7 @@ import pyarrow.fs as pafs
 
 from transrec.config import Config, ConfigError
 from transrec.dataloading.item_store import file_problems, size_problem
-from transrec.dataloading.prepare import fsync
+from transrec.fileio import fsync
 
 MANIFEST, LATEST = "manifest.json", "latest"
 STAGING, REPLACED = ".tmp", ".old"

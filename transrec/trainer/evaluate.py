@@ -13,25 +13,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from transrec.dataloading.batch import EvalBatch
+from transrec.batch import EvalBatch
+from transrec.trainer.distributed import all_reduce_values, rank_and_world
 from transrec.trainer.metrics import add_sums, count_higher, means, metric_sums
-
-
-def rank_and_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def all_reduce_values(values: dict[str, float], op=dist.ReduceOp.SUM) -> dict[str, float]:
-    """`values` reduced over the ranks (through the GPU where the process group is NCCL's)."""
-    if rank_and_world()[1] == 1:
-        return values
-    keys = sorted(values)
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
-    tensor = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
-    dist.all_reduce(tensor, op=op)
-    return dict(zip(keys, tensor.tolist()))
 
 
 @torch.no_grad()
@@ -114,7 +98,7 @@ def evaluate_model(model, data_path: str, cfg, splits=("valid", "test"), device:
     device = device or torch.device("cpu")
     model = model.to(device).eval()
     store = ItemStore(data_path)
-    decoder = ImageDecoder(cfg.data.image_size, cfg.data.image_decoder)
+    decoder = ImageDecoder(model.cfg.image.image_size, cfg.data.image_decoder)
     item_vecs = encode_catalogue(model, store, decoder, cfg.eval.item_batch_size, device, model.cfg.item_encoder)
     loaders = {split: EvalLoader(data_path, split, cfg.eval.batch_size, model.cfg.max_seq_len, 0, 1)
                for split in splits}

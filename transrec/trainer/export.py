@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from transrec.dataloading.prepare import describe_files
+from transrec.fileio import describe_files
 from transrec.trainer.checkpoint import consolidated_state_dict
 from transrec.trainer.checkpoint_store import run_checkpoints
 from transrec.trainer.finetune import build_model
@@ -26,7 +26,7 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 
 def load_checkpoint_model(run_dir: Path, tag: str | None = None):
     """The run's model with the weights of checkpoint `tag` (default: best by valid, else latest)."""
-    from transrec.dataloading.item_store import read_manifest
+    from transrec.dataloading.dataset_format import read_manifest
 
     cfg = run_config(run_dir)
     tag = tag or best_or_latest_tag(run_dir)

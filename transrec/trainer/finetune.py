@@ -6,12 +6,12 @@ from dataclasses import replace
 
 import torch
 
-from transrec.config import Config, ConfigError, ModelConfig
+from transrec.config import Config, ModelConfig
 
-MODES = ("", "full", "top_k", "adapters")
 # Model fields that say how a model trains, not what it is: a fine-tuning run takes these from its own config
 # (YAML and --set, as any run) and everything else from the export it starts from.
-TRAINING_SWITCHES = ("dropout", "gradient_checkpointing", "loss", "logq_correction")
+TRAINING_SWITCHES = ("dropout", "gradient_checkpointing", "loss", "negatives", "sampled_negatives", "mask_seen",
+                     "logq_correction")
 TOWER_TRAINING_SWITCHES = ("trainable_blocks", "cache_frozen")
 
 
@@ -26,8 +26,6 @@ def fine_tuning_model(exported: ModelConfig, run: ModelConfig) -> ModelConfig:
 def model_config(cfg: Config, num_items: int) -> ModelConfig:
     """The model section with each tower's trainable blocks set by the mode (an export keeps its num_items)."""
     mode, blocks = cfg.train.finetune_mode, cfg.train.finetune_blocks
-    if mode not in MODES:
-        raise ConfigError(f"train.finetune_mode must be one of {', '.join(map(repr, MODES))}, got {mode!r}")
     model = cfg.model if cfg.init_from else replace(cfg.model, num_items=num_items)
     trainable = {"full": -1, "top_k": blocks, "adapters": blocks}.get(mode)
     if trainable is None:

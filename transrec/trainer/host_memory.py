@@ -8,7 +8,7 @@ import sys
 import psutil
 import torch.distributed as dist
 
-from transrec.trainer.evaluate import all_reduce_values
+from transrec.trainer.distributed import all_reduce_values
 
 ONEDNN_CACHE_CAPACITY = 128
 MALLOC_MMAP_THRESHOLD = 4 << 20

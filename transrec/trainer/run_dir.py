@@ -7,7 +7,8 @@ from pathlib import Path
 
 import yaml
 
-from transrec.config import Config, ConfigError, load_config
+from transrec.config import Config, ConfigError, load_config, validate
+from transrec.dataloading.dataset_format import read_manifest
 from transrec.models.transrec import read_export_config
 from transrec.trainer.checkpoint_store import run_checkpoints
 from transrec.trainer.finetune import fine_tuning_model
@@ -27,21 +28,42 @@ def resolve(cfg: Config) -> Config:
         if not exported.exists():
             raise ConfigError(f"init_from: {exported} not found; expected a directory written by `transrec export`")
         cfg = replace(cfg, model=fine_tuning_model(read_export_config(cfg.init_from)[0], cfg.model))
-    for tower in ("text", "image"):
-        if getattr(cfg.model, tower).cache_frozen and cfg.train.zero_stage == 3:
-            # ZeRO-3 gathers parameters collectively: every rank must run the frozen layers on every step
-            raise ConfigError(f"model.{tower}.cache_frozen works with train.zero_stage 1 or 2, not 3")
-    return cfg
+    return validate(cfg, "the resolved config")
+
+
+def check_model_parts(cfg: Config) -> None:
+    """The model's parts are registered ones (before any cluster starts)."""
+    from transrec.models import ITEM_ENCODERS, LOSSES, USER_ENCODERS
+
+    for registry, key in ((ITEM_ENCODERS, "item_encoder"), (USER_ENCODERS, "user_encoder"), (LOSSES, "loss")):
+        try:
+            registry.get(getattr(cfg.model, key))
+        except KeyError as err:
+            raise ConfigError(f"model.{key}: {err.args[0]}") from None
+
+
+def check_dataset(cfg: Config) -> None:
+    """A data set on this machine: its manifest (present, of this format) and the batch size against its samples
+    (before any cluster starts)."""
+    if "://" in cfg.data.path:
+        return
+    manifest = read_manifest(cfg.data.path)
+    if cfg.train.batch_size % manifest["users_per_sample"]:
+        raise ConfigError(f"train.batch_size {cfg.train.batch_size} is not a multiple of users_per_sample="
+                          f"{manifest['users_per_sample']}, the train sequences per sample of {cfg.data.path}")
 
 
 def prepare(cfg: Config, resume: bool) -> Config:
-    """Creates (or, with `resume`, reopens) the run directory and writes the resolved config into it."""
+    """Checks the inputs, then creates (or, with `resume`, reopens) the run directory and writes the resolved
+    config into it."""
     cfg = resolve(cfg)
+    check_model_parts(cfg)
+    check_dataset(cfg)
     run_dir, checkpoints = cfg.run_dir, run_checkpoints(cfg)
-    checkpoints.check_writable()  # an unwritable checkpoint storage fails now, not at the first checkpoint
     if checkpoints.latest() is not None and not resume:
         raise ConfigError(f"run {run_dir} already has checkpoints (in {checkpoints}): pass --resume to "
                           f"continue it, or pick another name")
+    checkpoints.check_writable()  # an unwritable checkpoint storage fails now, not at the first checkpoint
     if not resume and run_dir.exists():
         for stale in ("metrics.jsonl", "results.json"):
             (run_dir / stale).unlink(missing_ok=True)

@@ -2,9 +2,9 @@
 WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT). Tests use it to skip Ray's start-up.
 
     torchrun --nproc_per_node 2 --master_addr 127.0.0.1 --master_port 29511 \\
-        -m transrec.trainer.torchrun_entry --config configs/tiny.yaml --set name=x [--resume]
+        -m transrec.trainer.torchrun_entry --config tiny --set name=x [--resume]
 
-or, from Python, `launch(2, "configs/tiny.yaml", ["name=x"])`, which picks a free loopback port.
+or, from Python, `launch(2, "tiny", ["name=x"])`, which picks a free loopback port.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import os
 import subprocess
 import sys
 
-from transrec.cluster.embedded import free_port
+from transrec.network import free_port
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
         dist.barrier()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)  # ZeRO-3 sometimes aborts in interpreter teardown after all work is done (STACK.md)
+    os._exit(0)  # ZeRO-3 sometimes aborts in interpreter teardown after all work is done (DeepSpeed 0.19.8: ~1 run in 6)
 
 
 def launch(nproc: int, config: str, overrides: list[str], resume: bool = False,

@@ -27,12 +27,35 @@ class ItemBatch:
     def to(self, device: torch.device | str) -> "ItemBatch":
         return _to(self, device)
 
+    def select(self, rows: torch.Tensor) -> "ItemBatch":
+        """The items at `rows` (of `ids`), in that order, with their content (tokens cut to the longest kept)."""
+        rows = rows.to(self.ids.device)
+        modality_rows = {}
+        for name in ("text_rows", "image_rows"):
+            position = torch.full_like(self.ids, -1)  # row of ids -> index into this modality's content
+            own = getattr(self, name)
+            position[own] = torch.arange(own.numel(), device=own.device)
+            kept = position[rows]
+            modality_rows[name] = ((kept >= 0).nonzero().squeeze(1), kept[kept >= 0])
+        (text_rows, text_index), (image_rows, image_index) = modality_rows["text_rows"], modality_rows["image_rows"]
+        attention_mask = self.attention_mask[text_index]
+        width = int(attention_mask.sum(1).max()) if text_index.numel() else self.attention_mask.shape[1]
+        return ItemBatch(
+            ids=self.ids[rows], text_rows=text_rows, input_ids=self.input_ids[text_index, :width],
+            attention_mask=attention_mask[:, :width], image_rows=image_rows,
+            images=None if self.images is None else self.images[image_index],
+            jpegs=None if self.jpegs is None else [self.jpegs[i] for i in image_index.tolist()],
+        )
+
 
 @dataclass
 class Batch:
-    items: ItemBatch
-    users: torch.Tensor  # int64 [B]: user indices (each names one train sequence)
-    history: torch.Tensor  # int64 [B, T]: rows into items.ids; left-padded, padding = 0
+    items: ItemBatch  # the items this process encodes: every row of `row_ids`, unless ranks share them
+    # int64 [R]: global item index of each row that history, targets and negatives refer to (sorted, distinct):
+    # `items.ids`, or, once ranks share their items (trainer/item_sharing.py), those of every rank's batch
+    row_ids: torch.Tensor
+    users: torch.Tensor  # int64 [S]: the user of each sequence of the batch (a sequence gives 1+ rows: windows)
+    history: torch.Tensor  # int64 [B, T]: rows of row_ids; left-padded, padding = 0
     history_mask: torch.Tensor  # bool [B, T]: True where history holds an item
     targets: torch.Tensor  # int64 [B, T]: row of the item that follows each history position
     target_mask: torch.Tensor  # bool [B, T]: True where a position has a target to predict
