@@ -96,7 +96,7 @@ def main() -> None:
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="transrec-bench-"))
-    from transrec.dataloading.synthetic import prepare_synthetic
+    from transrec.writers.synthetic import prepare_synthetic
 
     data = work / "data"
     prepare_synthetic(data, users=args.users, items=40, seed=0)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from transrec.dataloading.synthetic import MICROLENS, UserModel, make_catalogue, make_world, prepare_synthetic
+from transrec.writers.synthetic import MICROLENS, UserModel, make_catalogue, make_world, prepare_synthetic
 
 INTERACTIONS_PER_ITEM = 1000
 BILLION = 1_000_000_000

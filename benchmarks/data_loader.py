@@ -27,7 +27,7 @@ from transrec.batch import IMAGE
 from transrec.dataloading.images import ImageDecoder
 from transrec.dataloading.item_store import ItemStore
 from transrec.dataloading.loader import TrainLoader
-from transrec.dataloading.posters import render_poster
+from transrec.writers.posters import render_poster
 
 
 def make_loader(cfg, data: str, workers: int, decoder, policy: str = "skip") -> TrainLoader:

@@ -15,7 +15,7 @@ import json
 import shutil
 from pathlib import Path
 
-from transrec.dataloading.synthetic import prepare_synthetic
+from transrec.writers.synthetic import prepare_synthetic
 from transrec.trainer.torchrun_entry import launch
 
 CONFIG = "ml100k-text"

@@ -13,15 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import statistics
 from pathlib import Path
 
-
-def mean_sd(values: list[float], digits: int = 4) -> str:
-    if not values:
-        return "-"
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.{digits}f} ± {sd:.{digits}f}"
+from transrec.launcher.transfer import mean_sd
 
 
 def load(run: Path, walls: dict[str, float]) -> dict:

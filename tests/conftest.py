@@ -90,7 +90,7 @@ def s3_bucket():
 
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory) -> Path:
-    from transrec.dataloading.synthetic import prepare_synthetic
+    from transrec.writers.synthetic import prepare_synthetic
 
     out = tmp_path_factory.mktemp("data") / "tiny"
     prepare_synthetic(out, **TINY)
@@ -99,7 +99,7 @@ def tiny_dataset(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def ml100k_dataset(tmp_path_factory) -> Path:
-    from transrec.dataloading.prepare import prepare_movielens
+    from transrec.writers.movielens import prepare_movielens
 
     out = tmp_path_factory.mktemp("data") / "ml-100k"
     prepare_movielens(ML100K, out, image_fraction=0.25, image_size=32)

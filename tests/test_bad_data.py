@@ -18,7 +18,8 @@ from transrec.dataloading.images import ImageDecoder
 from transrec.dataloading.dataset_format import USERS_PER_SAMPLE, DataError, DatasetFileError
 from transrec.dataloading.item_store import ItemStore
 from transrec.dataloading.loader import EvalLoader, TrainLoader, _ShardedSequences
-from transrec.dataloading.prepare import EVAL_COLUMNS, TRAIN_COLUMNS, pack_sequences, prepare_movielens
+from transrec.dataloading.dataset_format import EVAL_COLUMNS, TRAIN_COLUMNS, pack_sequences
+from transrec.writers.movielens import prepare_movielens
 from transrec.fileio import describe_files
 
 BATCH = 16

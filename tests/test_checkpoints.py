@@ -140,7 +140,7 @@ def test_resume_falls_back_from_a_truncated_checkpoint(tmp_path, where):
     """2 ranks, a checkpoint every step; step 2's rank-1 optimizer shard truncated in storage. The resume warns,
     starts from step 1, and redoes step 2 exactly (bitwise the same loss), then goes on. In S3, each rank
     staged its files in a private temp directory: the bucket is the only place where the ranks' files meet."""
-    from transrec.dataloading.synthetic import prepare_synthetic
+    from transrec.writers.synthetic import prepare_synthetic
 
     prepare_synthetic(tmp_path / "data", users=48, items=40)
     sets = ["name=damaged", f"output_dir={tmp_path / 'runs'}", f"data.path={tmp_path / 'data'}", "train.epochs=2",

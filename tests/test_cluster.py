@@ -1,6 +1,7 @@
 """`transrec cluster up|down|status`: a real Ray head on loopback, found and stopped by its own processes;
 the scaling config checked against a cluster's nodes; placement passed to Ray Train."""
 import json
+import queue
 import subprocess
 from pathlib import Path
 
@@ -119,6 +120,7 @@ def test_check_scaling_against_nodes():
 def test_placement_from_yaml_reaches_ray_train(monkeypatch, tmp_path):
     """cluster.placement -> ScalingConfig(placement_strategy); the check runs before the trainer exists."""
     import ray.train.torch
+    import ray.util.queue
 
     from transrec.cluster import launch, scaling
 
@@ -136,6 +138,7 @@ def test_placement_from_yaml_reaches_ray_train(monkeypatch, tmp_path):
             raise SystemExit("stop here")
 
     monkeypatch.setattr(launch, "connect", lambda cluster: None)
+    monkeypatch.setattr(ray.util.queue, "Queue", lambda **kwargs: queue.Queue())  # no Ray to start for a queue
     monkeypatch.setattr(scaling, "ray_nodes", lambda: nodes((2, 0), (2, 0)))
     monkeypatch.setattr(ray.train.torch, "TorchTrainer", FakeTrainer)
     cfg = load_config(CONFIG, [f"output_dir={tmp_path}", "cluster.placement=strict_spread",

@@ -149,3 +149,24 @@ def test_catalogue_and_mixed_negatives_join_the_batch(store, train_samples):
     assert 0 < len(extra) <= 20
     assert torch.equal(mixed(samples), mixed(samples))  # a resumed run draws the same
     assert not torch.equal(mixed(samples), mixed(samples, epoch=1))
+
+
+def test_cloze_masks_items_of_each_window_reproducibly_and_anew_each_epoch(store, train_samples):
+    def cloze(epoch, samples=train_samples[:24]):
+        return collate_train(samples, store, MAX_SEQ_LEN, 0, seed=5, epoch=epoch, window="last", cloze_prob=0.3)
+
+    batch = cloze(0)
+    assert collate_train(train_samples[:24], store, MAX_SEQ_LEN, 0, seed=5, epoch=0).cloze is None  # next-item
+    sequence = torch.cat([batch.history, batch.targets[:, -1:]], 1)  # each window, as the model lays it out
+    sequence_mask = torch.cat([batch.history_mask, batch.target_mask[:, -1:]], 1)
+    ids = batch.row_ids.numpy()
+    for row, sample in enumerate(train_samples[:24]):
+        np.testing.assert_array_equal(ids[sequence[row][sequence_mask[row]].numpy()],
+                                      sample["items"][-(MAX_SEQ_LEN + 1):])
+    assert batch.cloze.shape == sequence.shape
+    assert not (batch.cloze & ~sequence_mask).any() and batch.cloze.any(1).all()  # on items only, 1+ per window
+    assert 0.2 < batch.cloze.sum() / sequence_mask.sum() < 0.45  # ~cloze_prob, plus the forced ones
+    assert torch.equal(cloze(0).cloze, batch.cloze)
+    assert not torch.equal(cloze(1).cloze, batch.cloze)
+    alone = cloze(0, train_samples[3:4]).cloze[0]  # a window's mask depends on its user, not on its batch
+    assert torch.equal(alone[-int(sequence_mask[3].sum()):], batch.cloze[3][sequence_mask[3]])

@@ -71,7 +71,11 @@ def test_presets_ship_in_the_package_and_load_by_name(tmp_path):
     ("model.heads=3", r"model\.dim \(64\) must be a multiple of model\.heads \(3\)"),
     ("model.negatives=mixed", r"model\.negatives mixed needs model\.sampled_negatives >= 1"),
     ("model.text.cache_frozen=true", r"model\.text\.cache_frozen works with train\.zero_stage 1 or 2, not 3"),
+    ("model.loss=bce", r"model\.user_encoder bert4rec trains by cloze with model\.loss softmax, not bce"),
+    ("model.attention=bidirectional", r"model\.attention bidirectional needs a Transformer model\.user_encoder \(sasrec, bert4rec\): gru4rec"),
 ])
 def test_bad_values_name_their_key_when_the_config_loads(tmp_path, override, message):
+    base = {"cache_frozen": "train: {zero_stage: 3}\n", "attention": "model: {user_encoder: gru4rec}\n",
+            "loss=bce": "model: {user_encoder: bert4rec}\ndata: {num_negatives: 1}\n"}
     with pytest.raises(ConfigError, match=message):
-        load_config(write(tmp_path, "train: {zero_stage: 3}\n" if "cache_frozen" in override else "{}"), [override])
+        load_config(write(tmp_path, next((v for k, v in base.items() if k in override), "{}")), [override])

@@ -17,7 +17,7 @@ def ray_cluster():
     ray.shutdown()
 
 
-def test_pretrain_checkpoint_export_reload_finetune(tmp_path, ray_cluster, capsys):
+def test_pretrain_checkpoint_export_reload_finetune(tmp_path, ray_cluster, capfd):
     source, target = tmp_path / "source", tmp_path / "target"
     assert main(["prepare", "synthetic", "--out", str(source), "--users", "48", "--items", "40", "--seed", "0"]) == 0
     assert main(["prepare", "synthetic", "--out", str(target), "--users", "32", "--items", "30", "--seed", "1"]) == 0
@@ -26,6 +26,11 @@ def test_pretrain_checkpoint_export_reload_finetune(tmp_path, ray_cluster, capsy
     assert main(["pretrain", "--config", CONFIG, "--set", "name=pre", "--set", f"data.path={source}", *common]) == 0
 
     run = runs / "pre"
+    shown = capfd.readouterr()
+    console = shown.out + shown.err
+    assert "[pre] step 3: valid/hr@10=" in console  # rank 0's evaluation, drawn by the driver
+    assert "RayTrainWorker" not in console and "DeepSpeed" not in console  # the workers' chatter is in logs/
+    assert {p.name for p in (run / "logs").iterdir()} == {"rank0.log", "rank1.log"}
     results = json.loads((run / "results.json").read_text())
     assert results["steps"] == 3 and results["best"]["tag"] == "step3"
     assert (run / "checkpoints" / "latest").read_text() == "step3"
@@ -51,23 +56,34 @@ def test_pretrain_checkpoint_export_reload_finetune(tmp_path, ray_cluster, capsy
     exported = TransRec.from_pretrained(export_dir).eval()
     for name, tensor in from_checkpoint.state_dict().items():
         assert torch.equal(tensor, exported.state_dict()[name]), name
-    capsys.readouterr()
+    capfd.readouterr()
     assert main(["evaluate", "--run", str(run)]) == 0
-    by_checkpoint = json.loads(capsys.readouterr().out)
+    by_checkpoint = json.loads(capfd.readouterr().out)
     # the export says how its towers are fed (the ViT takes 32 px images): no config needed
     assert main(["evaluate", "--export", str(export_dir), "--data", str(source)]) == 0
-    by_export = json.loads(capsys.readouterr().out)
+    by_export = json.loads(capfd.readouterr().out)
     assert by_checkpoint["test"] == by_export["test"] and by_checkpoint["valid"] == by_export["valid"]
     # and the distributed in-training evaluation agrees with the one-process one
     for key, value in by_checkpoint["test"].items():
         assert value == pytest.approx(results["best"][f"test/{key}"], abs=1e-6)
 
-    assert main(["finetune", "--from", str(export_dir), "--config", CONFIG, "--set", "name=fine",
-                 "--set", f"data.path={target}", *common]) == 0
-    fine = json.loads((runs / "fine" / "results.json").read_text())
+    # the transfer study: fine-tuned from the export and from scratch, on half and all of the target's users
+    study = tmp_path / "study"
+    assert main(["transfer", "--from", str(export_dir), "--data", str(target), "--config", CONFIG, *common,
+                 "--fractions", "0.5,1", "--seeds", "1", "--methods", "fine-tuned,scratch", "--out", str(study)]) == 0
+    fine = json.loads((study / "runs" / "fine-tuned-users1-seed0" / "results.json").read_text())
     assert fine["steps"] == 2  # one epoch: 32 users in batches of 8 on each of 2 ranks
     assert fine["epochs"] == 1 and fine["history"][-1]["epoch"] == 1  # the last step ended the epoch
     assert fine["best"]["test/ndcg@10"] > 0.0
+    half = json.loads((study / "runs" / "scratch-users0.5-seed0" / "results.json").read_text())
+    assert half["steps"] == 1  # 16 users kept: one batch per epoch
+    report = (study / "report.md").read_text().splitlines()
+    cells = [line.split(" | ") for line in report if line.startswith("| 50%") or line.startswith("| 100%")]
+    assert [c[1] for c in cells] == ["popularity", "zero-shot", "fine-tuned", "scratch"] * 2
+    # each cell is its run's own result
+    assert cells[6][4].startswith(f"{fine['best']['test/ndcg@10']:.4f} ± 0.0000")
+    assert cells[3][4].startswith(f"{half['best']['test/ndcg@10']:.4f} ± 0.0000")
+    assert (study / "report.png").stat().st_size > 0
 
 
 def test_pretrain_refuses_to_overwrite_a_run(tmp_path, tiny_dataset, capsys):

@@ -23,7 +23,7 @@ def files_bytes(directory: Path, pattern: str = "*") -> int:
 
 
 def test_bf16_export_is_a_quarter_of_the_checkpoint_and_loads_with_each_library(tmp_path):
-    from transrec.dataloading.synthetic import prepare_synthetic
+    from transrec.writers.synthetic import prepare_synthetic
 
     prepare_synthetic(tmp_path / "data", users=48, items=40)
     # every encoder weight trained, so the checkpoint holds optimizer state for all of them
@@ -70,7 +70,7 @@ def test_bf16_export_is_a_quarter_of_the_checkpoint_and_loads_with_each_library(
 def test_bf16_training_with_a_batchnorm_image_tower(tmp_path):
     """bf16 (the GPU default, and an option on CPU) with a ResNet tower: its batch-norm statistics are cast
     with the weights, the run trains, and the export holds the checkpoint's weights."""
-    from transrec.dataloading.synthetic import prepare_synthetic
+    from transrec.writers.synthetic import prepare_synthetic
 
     prepare_synthetic(tmp_path / "data", users=48, items=40)
     resnet = "{layers: [1, 1, 1, 1], channels: [8, 16, 32, 64], stem_width: 8}"

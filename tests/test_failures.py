@@ -77,6 +77,7 @@ def test_killed_worker_restarts_resumes_and_matches_an_uninterrupted_run(cluster
         (reference,) = attempts(tmp_path / "whole" / "samples" / f"rank{rank}.jsonl")
         assert len(runs) == 2, f"rank {rank}: expected the killed process and its restart, got {len(runs)}"
         before, after = runs
+        assert before["pid"] != after["pid"]  # Ray Train started a new group: both ranks are new processes
         resumed = after["resumed_step"]
         # the restart began at the last complete checkpoint before the kill: step 2's, or the epoch-end
         # one of step 3 when the kill landed after that save had completed (a race under load) ...
@@ -110,8 +111,6 @@ def test_killed_worker_restarts_resumes_and_matches_an_uninterrupted_run(cluster
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name
-    logs = jobs.client(cluster.dashboard_url).get_job_logs(killed)
-    assert logs.count("Started training worker group of size 2") == 2  # Ray Train started a second group
 
 
 def test_unwritable_checkpoint_storage_fails_at_start(data, tmp_path, capsys):

@@ -20,7 +20,7 @@ CONFIG = "tiny"
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
     """(dataset directory, export directory of a tiny model) -- the export's towers as `transrec export` writes them."""
-    from transrec.dataloading.synthetic import prepare_synthetic
+    from transrec.writers.synthetic import prepare_synthetic
 
     root = tmp_path_factory.mktemp("finetune")
     manifest = prepare_synthetic(root / "data", users=48, items=40)
@@ -94,3 +94,10 @@ def test_fine_tuning_takes_the_architecture_from_the_export_and_the_training_swi
     assert cfg.model.gradient_checkpointing and cfg.model.dropout == 0.3
     assert cfg.model.text.cache_frozen and cfg.model.image.trainable_blocks == -1
     assert cfg.model.text.config == exported.text.config and cfg.model.image.name == exported.image.name
+
+
+@pytest.mark.parametrize("item_encoder", ["id", "id+text", "id+mom"])
+def test_a_model_with_item_ids_does_not_transfer(item_encoder):
+    cfg = load_config(CONFIG, ["init_from=some/export", f"model.item_encoder={item_encoder}"])
+    with pytest.raises(ValueError, match=f"with item IDs \\({item_encoder.replace('+', '.')}\\): its item table cannot"):
+        build_model(cfg, num_items=10)

@@ -5,10 +5,12 @@ import gc
 import json
 
 import numpy as np
+import pytest
 
 from transrec.config import DataConfig
 from transrec.dataloading.loader import TrainLoader, _ShardedSequences
-from transrec.dataloading.synthetic import MICROLENS, UserModel, make_catalogue, make_world, prepare_synthetic
+from transrec.writers.synthetic import (MICROLENS, NOISE_WORDS, TOPIC_WORDS, UserModel, make_catalogue, make_world,
+                                        prepare_synthetic)
 
 
 def test_microlens_shape():
@@ -63,3 +65,20 @@ def test_cli_microlens_shape_and_workers(tmp_path):
     assert {k: params[k] for k in MICROLENS} == MICROLENS
     lengths = [len(s["items"]) for s in _ShardedSequences(out / "eval")]
     assert len(lengths) == 200 and min(lengths) >= 5 and max(lengths) > 50  # beyond the default max_len
+
+
+def test_shift_moves_the_world_away_and_keeps_its_topics():
+    same, half, far = make_world(8), make_world(8, 0.5), make_world(8, 1.0)
+    assert same.vocabulary == tuple(TOPIC_WORDS[topic] for topic in same.topics)
+    assert half.topics == far.topics == same.topics
+    partner = [(k - 1) % 8 for k in range(8)]
+    for k in range(8):
+        assert set(far.vocabulary[k]) == set(same.vocabulary[partner[k]])  # a topic reads as its partner did
+        assert len(set(half.vocabulary[k])) == 12 and len(set(half.vocabulary[k]) & set(same.vocabulary[k])) == 6
+    np.testing.assert_allclose(far.succession, same.succession[np.ix_(partner, partner)])
+    np.testing.assert_allclose(half.succession.sum(1), 1.0)
+    catalogue = make_catalogue(far, 64, np.random.default_rng(0))
+    for text, k in zip(catalogue.texts, catalogue.topic):  # the items' texts use the shifted words
+        assert set(text.lower().split()) <= set(far.vocabulary[k]) | set(NOISE_WORDS)
+    with pytest.raises(ValueError, match="shift must be in"):
+        make_world(8, 1.5)

@@ -13,7 +13,7 @@ from transrec.batch import IMAGE, TEXT
 from transrec.dataloading.images import ImageDecoder
 from transrec.dataloading.dataset_format import DatasetFileError
 from transrec.dataloading.item_store import ItemStore
-from transrec.dataloading.prepare import load_tokenizer
+from transrec.dataloading.dataset_format import load_tokenizer
 
 
 @pytest.fixture

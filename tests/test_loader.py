@@ -17,7 +17,7 @@ from transrec.config import DataConfig
 from transrec.dataloading.images import ImageDecodeError, ImageDecoder
 from transrec.dataloading.loader import EvalLoader, TrainLoader, _ShardedSequences
 from transrec.dataloading.dataset_format import USERS_PER_SAMPLE
-from transrec.dataloading.synthetic import prepare_synthetic
+from transrec.writers.synthetic import prepare_synthetic
 
 BATCH, MAX_SEQ_LEN, NEGATIVES = 16, 6, 2
 REPO = Path(__file__).parents[1]

@@ -12,7 +12,7 @@ import torch
 
 from transrec.config import ImageEncoderConfig, ModelConfig, TextEncoderConfig
 from transrec.batch import Batch, ItemBatch
-from transrec.models import TransRec
+from transrec.models import MoMItemEncoder, TransRec
 from transrec.models.image_encoder import ImageItemEncoder, split_blocks
 from transrec.models.user_encoder import TransformerUserEncoder
 
@@ -296,10 +296,26 @@ def test_attention_direction(attention: str):
     assert not torch.allclose(before[:, 4:], after[:, 4:])
 
 
-@pytest.mark.parametrize("attention", ["causal", "bidirectional"])
-def test_left_padding_matches_unpadded_and_no_nan(attention: str):
+@pytest.mark.parametrize("user_encoder", ["gru4rec", "nextitnet"])
+def test_causal_user_encoders_ignore_the_future(user_encoder: str):
     torch.manual_seed(0)
-    model = TransRec(model_config(item_encoder="id", attention=attention)).eval()
+    encoder = TransRec(model_config(item_encoder="id", user_encoder=user_encoder, layers=3)).user_encoder.eval()
+    x = torch.randn(2, 8, 16)
+    mask = torch.ones(2, 8, dtype=torch.bool)
+    changed = x.clone()
+    changed[:, 5:] = torch.randn(2, 3, 16)
+    with torch.no_grad():
+        before, after = encoder(x, mask), encoder(changed, mask)
+    torch.testing.assert_close(before[:, :5], after[:, :5])
+    assert not torch.allclose(before[:, 5:], after[:, 5:])
+
+
+@pytest.mark.parametrize("user_encoder, attention", [("sasrec", "causal"), ("sasrec", "bidirectional"),
+                                                     ("bert4rec", "causal"), ("gru4rec", "causal"),
+                                                     ("nextitnet", "causal")])
+def test_left_padding_matches_unpadded_and_no_nan(user_encoder: str, attention: str):
+    torch.manual_seed(0)
+    model = TransRec(model_config(item_encoder="id", user_encoder=user_encoder, attention=attention, layers=3)).eval()
     items = torch.randn(3, 16)
     padded = torch.cat([torch.randn(2, 16), items, torch.randn(2, 16)])  # 2 padding, 3 items, empty row
     with torch.no_grad():
@@ -440,3 +456,62 @@ def test_packed_titles_give_the_padded_vectors(trainable_blocks):
         assert torch.equal(columns[mine] - columns[mine][0], torch.arange(int(lengths[item])))
         assert torch.equal(layout.position[mine], torch.arange(int(lengths[item])))
     assert layout.rows < len(ids)  # titles of 2..6 tokens share rows of 8
+
+
+def with_cloze(batch: Batch) -> Batch:
+    """`batch` with bert4rec's cloze: every other item of each window masked, and always its last."""
+    window_mask = torch.cat([batch.history_mask, batch.target_mask[:, -1:]], 1)
+    every_other = torch.arange(window_mask.shape[1]).flip(0) % 2 == 0
+    return dataclasses.replace(batch, cloze=window_mask & every_other)
+
+
+@pytest.mark.parametrize("user_encoder", ["sasrec", "bert4rec", "gru4rec", "nextitnet"])
+def test_every_user_encoder_trains_with_every_item_encoder_and_takes_adapters(user_encoder: str):
+    torch.manual_seed(0)
+    for item_encoder, towers in (("id", 0), ("text", 1), ("mom", 2), ("id+text", 1), ("id+mom", 2)):
+        model = TransRec(model_config(item_encoder=item_encoder, user_encoder=user_encoder))
+        batch = make_batch(SEQUENCES, T=6, as_text=model.item_mode == "text")
+        batch = with_cloze(batch) if model.user_encoder.cloze else batch
+        before = model(batch).loss
+        adapters = model.add_adapters(blocks=1, dim=4)
+        assert len(adapters) == 2 + towers  # one per user-encoder layer, one per tower's top block
+        torch.testing.assert_close(model(batch).loss, before)  # new adapters change nothing
+        model(batch).loss.backward()
+        assert all(p.grad is not None for p in adapters.parameters())
+
+
+def test_id_plus_content_adds_an_item_s_own_vector_to_its_content_vector():
+    torch.manual_seed(0)
+    for name, as_text in (("id+text", True), ("id+mom", False)):
+        model = TransRec(model_config(item_encoder=name)).eval()
+        assert model.item_mode == ("text" if as_text else "mom")
+        items = item_batch([0, 1, 2, 3, 5], as_text)
+        with torch.no_grad():
+            content = MoMItemEncoder.forward(model.item_encoder, items)
+            torch.testing.assert_close(model.encode_items(items), content + model.item_encoder.ids.embedding(items.ids))
+
+
+def test_bert4rec_predicts_the_masked_items_of_each_window_from_both_sides():
+    torch.manual_seed(0)
+    model = TransRec(model_config(item_encoder="id", user_encoder="bert4rec", mask_seen=False)).eval()
+    batch = with_cloze(make_batch(SEQUENCES, T=6))
+    encoder = model.user_encoder
+    with torch.no_grad():
+        vectors = model.encode_items(batch.items)
+        window = torch.cat([batch.history, batch.targets[:, -1:]], 1)
+        window_mask = torch.cat([batch.history_mask, batch.target_mask[:, -1:]], 1)
+        inputs = torch.where(batch.cloze[..., None], encoder.mask_vector, vectors[window])
+        hidden = encoder(inputs, window_mask)[batch.cloze]
+        expected = torch.nn.functional.cross_entropy(hidden @ vectors.T, window[batch.cloze])
+        torch.testing.assert_close(model(batch).loss, expected)
+        # bidirectional: a masked item's state has seen the (unmasked) items after it
+        later = inputs.clone()
+        assert not batch.cloze[0, -2]
+        later[0, -2] = vectors[(window[0, -2] + 1) % len(vectors)]
+        first = int(batch.cloze[0].nonzero()[0, 0])
+        assert first < window.shape[1] - 2
+        assert not torch.allclose(encoder(inputs, window_mask)[0, first], encoder(later, window_mask)[0, first])
+        # a user is the state of a mask appended after its history
+        users = model.encode_users(vectors[batch.history], batch.history_mask)
+        appended = torch.cat([vectors[batch.history], encoder.mask_vector.expand(3, 1, -1)], 1)
+        torch.testing.assert_close(users, encoder(appended, torch.cat([batch.history_mask, torch.ones(3, 1, dtype=torch.bool)], 1))[:, -1])

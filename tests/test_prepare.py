@@ -10,14 +10,15 @@ import pytest
 from PIL import Image
 
 from conftest import ML100K, TINY
-from transrec.dataloading import prepare as prepare_module
+from transrec.writers import movielens as movielens_module
 from transrec.batch import IMAGE, TEXT
 from transrec.dataloading.loader import _ShardedSequences
-from transrec.dataloading.dataset_format import USERS_PER_SAMPLE, DataError
-from transrec.dataloading.prepare import (
-    SPLIT_RULE, load_tokenizer, pack_sequences, prepare_movielens, sha256_file, unpack_sequences,
+from transrec.dataloading.dataset_format import (
+    SPLIT_RULE, USERS_PER_SAMPLE, DataError, load_tokenizer, pack_sequences, unpack_sequences,
 )
-from transrec.dataloading.synthetic import TOPIC_WORDS, make_world, prepare_synthetic
+from transrec.fileio import sha256_file
+from transrec.writers.movielens import prepare_movielens
+from transrec.writers.synthetic import TOPIC_WORDS, make_world, prepare_synthetic
 
 ITEM_HEADER = "item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq\n"
 INTER_HEADER = "user_id:token\titem_id:token\trating:float\ttimestamp:float\n"
@@ -126,6 +127,28 @@ def test_domains_a_and_b_share_no_user_and_no_item(tmp_path):
     assert not seen["a"][0] & seen["b"][0] and not seen["a"][1] & seen["b"][1]
 
 
+def test_the_genre_split_puts_every_item_on_one_side_and_shares_no_user(tmp_path):
+    genres = ["Drama", "Comedy", "Action Comedy", "Drama Romance", "Action", "Horror", "Sci-Fi War", "Western"] * 2
+    items = [f"{i}\tMovie{i}\t1990\t{g}" for i, g in enumerate(genres, start=1)]
+    # user u watches all 16 items in its own order: a domain's sequence tells which user it is
+    orders = {u: np.random.default_rng(u).permutation(np.arange(1, 17)) for u in range(1, 9)}
+    rows = [f"{u}\t{item}\t4\t{t}" for u, order in orders.items() for t, item in enumerate(order)]
+    src = write_source(tmp_path / "src", rows, items)
+    sides = {}
+    for domain in ("a", "b"):
+        manifest = prepare_movielens(src, tmp_path / domain, domain=domain, split="genre")
+        assert manifest["domain_split"] == "genre"
+        ids = [item["source_id"] for item in read_items(tmp_path / domain)]
+        owners = {next(u for u, order in orders.items() if [str(i) for i in order if str(i) in ids] == [ids[i] for i in seq])
+                  for seq in sequences(tmp_path / domain, "eval")}
+        sides[domain] = set(ids), owners
+    assert sides["a"][0] == {"1", "2", "3", "4", "9", "10", "11", "12"}  # dramas and comedies
+    assert sides["b"][0] == {"5", "6", "7", "8", "13", "14", "15", "16"}
+    assert len(sides["a"][1]) == len(sides["b"][1]) == 4 and not sides["a"][1] & sides["b"][1]
+    with pytest.raises(ValueError, match="split must be one of"):
+        prepare_movielens(src, tmp_path / "x", domain="a", split="year")
+
+
 def test_unknown_tokenizer_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="not 'minilm' and not a directory"):
         prepare_movielens(write_source(tmp_path / "src", ["7\t1\t5\t1"]), tmp_path / "out", tokenizer="bert-nope")
@@ -142,6 +165,17 @@ def test_bad_rows_raise_naming_file_and_line(tmp_path, bad_row, line, problem):
         prepare_movielens(src, tmp_path / "out")
     assert str(caught.value) == f"{src / 'toy.inter'}: line {line}: {problem}"
     assert not (tmp_path / "out").exists()
+
+
+def test_a_file_cut_inside_its_last_row_is_an_error_or_a_skipped_row(tmp_path):
+    src = write_source(tmp_path / "src", ["7\t1\t5\t1", "7\t3\t5\t2", "7\t4\t5\t3", "7\t2\t5\t4"])
+    inter = src / "toy.inter"
+    inter.write_bytes(inter.read_bytes()[:-3])  # "7\t2\t5\t" then nothing: it would parse as timestamp 0
+    inter.write_bytes(inter.read_bytes() + b"0")
+    with pytest.raises(DataError, match=r"toy\.inter: line 5: the file ends inside this row \(truncated\?\)"):
+        prepare_movielens(src, tmp_path / "out")
+    manifest = prepare_movielens(src, tmp_path / "out", skip_bad_rows=True)
+    assert manifest["skipped"]["malformed_interaction_rows"] == 1 and manifest["num_interactions"] == 3
 
 
 def test_bad_item_row_raises(tmp_path):
@@ -168,7 +202,7 @@ def test_failure_leaves_nothing_and_existing_dir_is_kept(tmp_path, monkeypatch):
     def broken_poster(*args, **kwargs):
         raise RuntimeError("poster renderer broke")
 
-    monkeypatch.setattr(prepare_module, "render_poster", broken_poster)
+    monkeypatch.setattr(movielens_module, "render_poster", broken_poster)
     with pytest.raises(RuntimeError, match="poster renderer broke"):
         prepare_movielens(src, out, image_fraction=1.0)
     assert list((tmp_path / "data").iterdir()) == []  # neither `out` nor a temp dir

@@ -25,7 +25,7 @@ STOP, STEPS = 4, 6
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
-    from transrec.dataloading.synthetic import prepare_synthetic
+    from transrec.writers.synthetic import prepare_synthetic
 
     out = tmp_path_factory.mktemp("data") / "syn"
     prepare_synthetic(out, users=48, items=40)

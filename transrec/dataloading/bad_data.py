@@ -13,7 +13,7 @@ With "stop", anything found stops here, before the first step, with a DataError 
 
 While training, with either policy (the pre-flight check cannot see everything: a remote dataset's
 shards, a JPEG whose body is corrupt), nothing raises because of one record: a train sample (a block of
-sequences, prepare.py) that cannot be read or lies in a bad shard is dropped from its batch (one record for
+sequences, dataset_format.py) that cannot be read or lies in a bad shard is dropped from its batch (one record for
 the sample); a sequence that holds an unknown or bad item or is too short is dropped (one record for it); an
 image that neither the decoder nor PIL can decode is replaced by a blank one (zeros, the normalized mean). Each is a
 BadRecord naming its file and record, logged (the first MAX_LOGGED of each kind per epoch) and counted in
@@ -30,7 +30,7 @@ import numpy as np
 
 from transrec.dataloading.item_store import ItemStore, log
 from transrec.dataloading.dataset_format import DataError
-from transrec.dataloading.prepare import load_tokenizer
+from transrec.dataloading.dataset_format import load_tokenizer
 
 MIN_TRAIN_ITEMS = 2  # a sample trains on (history, next item) pairs: it needs two items
 MAX_LOGGED = 5  # records logged per kind per epoch; the rest are only counted

@@ -61,7 +61,7 @@ def sample_negatives(seen: np.ndarray, count: int, num_items: int, rng: np.rando
 
 def collate_train(samples: list[dict], store: ItemStore, max_seq_len: int, num_negatives: int, seed: int,
                   epoch: int, mode: str = "mom", window: str = "stride", bad_items: BadItems = NO_BAD_ITEMS,
-                  negatives: str = "inbatch", sampled_negatives: int = 0) -> Batch:
+                  negatives: str = "inbatch", sampled_negatives: int = 0, cloze_prob: float = 0.0) -> Batch:
     """Sequences {"user", "items", "sample_id"} -> Batch with JPEGs but undecoded images; `mode` routes items
     to encoders (ItemStore.item_batch).
 
@@ -69,7 +69,8 @@ def collate_train(samples: list[dict], store: ItemStore, max_seq_len: int, num_n
     its windows of up to max_seq_len + 1 items (`choose_windows`), one row each. Per target position,
     `num_negatives` items are drawn from those the user's whole train sequence lacks (bce). The batch's items
     are those of its windows and negatives, plus, for the softmax's `negatives`, every item ("catalogue") or
-    `sampled_negatives` drawn uniformly ("mixed"); never an item of `bad_items`.
+    `sampled_negatives` drawn uniformly ("mixed"); never an item of `bad_items`. With `cloze_prob` > 0
+    (bert4rec), each item of a window is masked with that chance (its last one when none is), in `Batch.cloze`.
     """
     checks = [check_sample(s, store.num_items, bad_items) for s in samples]
     samples = [s for s, problem in zip(samples, checks) if problem is None]
@@ -80,6 +81,7 @@ def collate_train(samples: list[dict], store: ItemStore, max_seq_len: int, num_n
     history, mask = pad_sequences([w[:-1] for w in windows])
     targets, _ = pad_sequences([w[1:] for w in windows])
     negatives_per_position = np.zeros(history.shape + (num_negatives,), np.int64)
+    cloze = np.zeros((len(windows), history.shape[1] + 1), bool) if cloze_prob else None
     row = 0
     for rng, sequence, sequence_windows in zip(rngs, sequences, per_sequence):
         for items in sequence_windows:
@@ -87,6 +89,10 @@ def collate_train(samples: list[dict], store: ItemStore, max_seq_len: int, num_n
             drawn = sample_negatives(np.concatenate([sequence, bad_items.ids]), positions * num_negatives,
                                      store.num_items, rng)
             negatives_per_position[row, history.shape[1] - positions:] = drawn.reshape(positions, num_negatives)
+            if cloze is not None:
+                masked = rng.random(len(items)) < cloze_prob
+                masked[-1] |= not masked.any()
+                cloze[row, -len(items):] = masked
             row += 1
     extra = np.zeros(0, np.int64)
     if negatives == "catalogue":
@@ -110,6 +116,7 @@ def collate_train(samples: list[dict], store: ItemStore, max_seq_len: int, num_n
         targets=rows(targets, mask),
         target_mask=torch.from_numpy(mask.copy()),
         negatives=rows(negatives_per_position, mask[..., None]),
+        cloze=None if cloze is None else torch.from_numpy(cloze),
         skipped=[problem for problem in checks if problem is not None],
     )
 
@@ -129,11 +136,13 @@ class TrainCollator:
     bad_items: BadItems = NO_BAD_ITEMS
     negatives: str = "inbatch"
     sampled_negatives: int = 0
+    cloze_prob: float = 0.0
 
     def __call__(self, samples: list[list[dict]]) -> Batch:
         sequences = [sequence for block in samples for sequence in block]
         batch = collate_train(sequences, self.store, self.max_seq_len, self.num_negatives, self.seed, self.epoch,
-                              self.mode, self.window, self.bad_items, self.negatives, self.sampled_negatives)
+                              self.mode, self.window, self.bad_items, self.negatives, self.sampled_negatives,
+                              self.cloze_prob)
         batch.stream_samples = len(samples)
         return batch
 

@@ -1,13 +1,49 @@
-"""The dataset format's version, file names, manifest and errors: what the CLI needs, without streaming or
-transformers. The format itself is described, and written, in prepare.py."""
+"""The dataset format, read and written by every part of transrec: its version, files, columns, manifest,
+errors, the tokenizer a data set carries, and how a train sample packs its block of sequences. Written only
+by `transrec.writers.dataset_writer.DatasetWriter`; importable without streaming or transformers (the CLI's).
+
+
+```
+DIR/manifest.json            counts, tokenizer, split rule, skipped rows, sha256 of sources and of every file
+DIR/tokenizer/               tokenizer.save_pretrained(): the dataset is self-contained
+DIR/items/modality.npy       int8 [N]: 0 = text, 1 = image
+DIR/items/tokens.npy         int32 [N, max_text_len], right-padded with the tokenizer's pad id
+DIR/items/token_lengths.npy  int32 [N]
+DIR/items/image_offsets.npy  int64 [N+1]: item i's JPEG = images.bin[off[i]:off[i+1]] (empty for text items)
+DIR/items/images.bin         concatenated JPEG bytes
+DIR/items/popularity.npy     int64 [N]: occurrences of each item in the train part of all sequences
+DIR/items/items.jsonl        {"index", "source_id", "text", "modality"} per item, for humans
+DIR/train/                   MDS shards of blocks {"users", "lengths", "items"}: up to `users_per_sample`
+                             sequences per sample, each minus its last two items, concatenated
+DIR/eval/                    MDS shards {"user", "items"}: the full sequence (valid = items[-2], test = items[-1])
+```
+A train sample holds a block of sequences because streaming's per-epoch partition and shuffle are int64 arrays
+over all samples, built in every loader worker: blocks divide that memory (at 1B interactions, 35M users are
+4.3M samples of 8). The users of a block (consecutive users of the source) always share a batch. Evaluation
+reads its split by user, without streaming: one sequence per sample.
+
+Sequences written in parallel (`SequenceWriter` per part, in other processes) lie in `train/partNNNNN/` and
+`eval/partNNNNN/`, each a shard set of its own, joined by one `index.json` per split (streaming's merge_index).
+A directory appears complete or not at all: it is built in a temp dir beside DIR and renamed into place.
+"""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import numpy as np
+
+from transrec.dataloading import resolve_pretrained_path
+
 FORMAT_VERSION = 2  # 2: train samples are blocks of sequences
 MANIFEST = "manifest.json"
 USERS_PER_SAMPLE = 8  # train sequences per sample of a large data set (synthetic's default)
+MIN_INTERACTIONS = 3  # train needs one item, valid and test one each
+SPLIT_RULE = (
+    "leave-one-out by timestamp (stable): train = all but last two, valid = second to last, test = last"
+)
+TRAIN_COLUMNS = {"users": "ndarray:int64", "lengths": "ndarray:int64", "items": "ndarray:int64"}
+EVAL_COLUMNS = {"user": "int64", "items": "ndarray:int64"}
 
 
 class DataError(ValueError):
@@ -27,3 +63,25 @@ def read_manifest(root: str | Path) -> dict:
         raise DatasetFileError(f"{path}: format {manifest.get('format')}, this transrec reads format "
                                f"{FORMAT_VERSION}: prepare the data set again")
     return manifest
+
+
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(resolve_pretrained_path(name), local_files_only=True)
+
+
+def pack_sequences(users: list[int], sequences: list[np.ndarray]) -> dict:
+    """A train sample: a block of users' sequences."""
+    return {"users": np.asarray(users, np.int64), "lengths": np.array([len(s) for s in sequences], np.int64),
+            "items": np.concatenate(sequences).astype(np.int64, copy=False)}
+
+
+def unpack_sequences(sample: dict) -> list[dict]:
+    """A train sample -> its sequences {"user", "items"}."""
+    ends = np.cumsum(sample["lengths"])
+    if len(sample["users"]) != len(ends) or (len(ends) and ends[-1] != len(sample["items"])):
+        raise ValueError(f"{len(sample['users'])} users, {len(ends)} lengths summing to "
+                         f"{ends[-1] if len(ends) else 0}, {len(sample['items'])} items")
+    return [{"user": int(user), "items": items}
+            for user, items in zip(sample["users"], np.split(sample["items"], ends[:-1]))]

@@ -97,6 +97,15 @@ class ItemStore:
         offsets = self._array("image_offsets")
         return offsets[ids], offsets[np.asarray(ids) + 1] - offsets[ids]
 
+    def features(self, name: str) -> np.ndarray:
+        """float32 [N, width], memory-mapped: the item features `name` (`transrec features`), checked with every
+        other file when the store opened."""
+        if name not in self.manifest.get("features", {}):
+            known = ", ".join(self.manifest.get("features", {})) or "none"
+            raise DatasetFileError(f"{self.root}: no item features {name!r} (has: {known}); compute them with "
+                                   f"`transrec features --data {self.root} --name {name} ...`")
+        return np.load(self.root / "features" / f"{name}.npy", mmap_mode="r")
+
     @property
     def popularity(self) -> np.ndarray:
         """int64 [N] train counts, a writable copy (small; torch.as_tensor warns on read-only memory maps)."""

@@ -41,7 +41,7 @@ from transrec.dataloading.images import ImageDecoder, decode_or_blank
 from transrec.dataloading.dataset_format import MANIFEST, DataError, DatasetFileError
 from transrec.dataloading.dataset_format import read_manifest
 from transrec.dataloading.item_store import ITEM_MODES, ItemStore
-from transrec.dataloading.prepare import MIN_INTERACTIONS, unpack_sequences
+from transrec.dataloading.dataset_format import MIN_INTERACTIONS, unpack_sequences
 
 STREAMED_SPLIT = "train/"  # a remote dataset's train shards stream; every other file is fetched up front
 
@@ -96,7 +96,7 @@ def shm_registration_turn() -> Iterator[None]:
 
 
 class _SequenceShards(StreamingDataset):
-    """The train shards, whose samples are blocks of sequences (prepare.py). A sample comes as the list of its
+    """The train shards, whose samples are blocks of sequences (dataset_format.py). A sample comes as the list of its
     sequences {"user", "items", "sample_id", "file"}; one in a shard of `bad_shards` is not read, and one that
     cannot be read raises nothing: both come as [{"sample_id", "bad": BadRecord}], for the collate to skip."""
 
@@ -193,7 +193,7 @@ class TrainLoader:
     def __init__(self, data_cfg: DataConfig, dataset_dir: str | Path, batch_size: int, max_seq_len: int,
                  num_negatives: int, seed: int, rank: int, world_size: int, decoder: ImageDecoder | None,
                  mode: str = "mom", prefetch_batches: int = 2, verify: str = "full", negatives: str = "inbatch",
-                 sampled_negatives: int = 0):
+                 sampled_negatives: int = 0, cloze_prob: float = 0.0):
         if mode not in ITEM_MODES:
             raise ValueError(f"item mode must be one of {ITEM_MODES}, got {mode!r}")
         _use_rank(rank, world_size)
@@ -201,6 +201,7 @@ class TrainLoader:
         self.num_negatives, self.seed, self.world_size = num_negatives, seed, world_size
         self.decoder, self.mode, self.prefetch_batches = decoder, mode, prefetch_batches
         self.negatives, self.sampled_negatives = negatives, sampled_negatives  # what else a batch holds (collate)
+        self.cloze_prob = cloze_prob
         self.policy = data_cfg.on_bad_record
         self.local_dir = local_dataset_dir(dataset_dir, data_cfg.cache_dir)
         streamed = (STREAMED_SPLIT,) if is_remote(dataset_dir) else ()
@@ -223,7 +224,7 @@ class TrainLoader:
         self._canonical_nodes, self._initial_nodes = nodes, nodes
 
     def _blocks_per_batch(self, batch_size: int) -> int:
-        """Train samples per batch: each holds the manifest's `users_per_sample` sequences (prepare.py)."""
+        """Train samples per batch: each holds the manifest's `users_per_sample` sequences (dataset_format.py)."""
         users_per_sample = self.store.manifest["users_per_sample"]
         if batch_size % users_per_sample:
             raise ValueError(f"batch size {batch_size} is not a multiple of users_per_sample={users_per_sample}, "
@@ -301,7 +302,7 @@ class TrainLoader:
         self._stream.next_epoch = self.epoch  # else a state older than streaming's epoch count is ignored
         collator = TrainCollator(self.store, self.max_seq_len, self.num_negatives, self.seed, self.epoch,
                                  self.mode, self.data_cfg.train_window, self.bad_items, self.negatives,
-                                 self.sampled_negatives)
+                                 self.sampled_negatives, self.cloze_prob)
         workers = self.data_cfg.loader_workers
         batches = DataLoader(self._stream, batch_size=self.blocks_per_batch, num_workers=workers,
                              collate_fn=collator)

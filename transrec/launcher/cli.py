@@ -10,17 +10,26 @@ from pathlib import Path
 from transrec.config import ConfigError, load_config
 from transrec.dataloading.dataset_format import USERS_PER_SAMPLE, DatasetFileError
 from transrec.launcher import cluster_commands
+from transrec.launcher.transfer import METHODS as TRANSFER_METHODS
+from transrec.trainer.console import VERBOSE_ENV, quiet_libraries
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no model hub here: encoders come from config or local paths
 # read when Ray is imported: the embedded cluster's node address is 127.0.0.1 and it binds loopback only
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
-def add_config_args(parser: argparse.ArgumentParser) -> None:
+def add_config_args(parser: argparse.ArgumentParser, resume: bool = True) -> None:
     parser.add_argument("--config", required=True, help="a YAML file, or a preset by name: tiny, demo, ml100k-id, ... (transrec/configs/)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value by its dotted key, e.g. --set train.epochs=3")
-    parser.add_argument("--resume", action="store_true", help="continue the run from its latest checkpoint")
+    if resume:
+        parser.add_argument("--resume", action="store_true", help="continue the run from its latest checkpoint")
+    add_verbose_arg(parser)
+
+
+def add_verbose_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--verbose", action="store_true",
+                        help="show Ray's, DeepSpeed's and the workers' own output (default: in runs/NAME/logs/)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,11 +45,17 @@ def build_parser() -> argparse.ArgumentParser:
     movielens.add_argument("--skip-bad-rows", action="store_true", help="count and skip malformed rows")
     movielens.add_argument("--domain", choices=["a", "b"], default="",
                            help="one of two halves with disjoint users and items (transfer: pretrain on a, tune on b)")
+    movielens.add_argument("--split", choices=["random", "genre"], default="random",
+                           help="how --domain splits the items: random halves, or by genre (a = dramas and "
+                                "comedies, b = the rest); the users are split in seeded halves either way")
     synthetic = sources.add_parser("synthetic", help="a generated mixture-of-modalities data set")
     synthetic.add_argument("--users", type=int, default=2000)
     synthetic.add_argument("--items", type=int, default=1000)
     synthetic.add_argument("--seed", type=int, default=0, help="seeds of one world share topics, not items")
     synthetic.add_argument("--image-fraction", type=float, default=0.5)
+    synthetic.add_argument("--shift", type=float, default=0.0,
+                           help="how far this world is from the shared one, 0..1: a share of each topic's words "
+                                "and of its succession taken from another topic (a target's domain distance)")
     synthetic.add_argument("--min-len", type=int, default=5, help="shortest history")
     synthetic.add_argument("--max-len", type=int, default=50, help="longest history")
     synthetic.add_argument("--length-exponent", type=float, default=0.0,
@@ -74,26 +89,51 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--tag")
     export.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
 
+    features = commands.add_parser("features", help="every item through frozen towers, once (Ray Data), into the "
+                                   "data set: what model.item_encoder features (two-stage) trains on")
+    features.add_argument("--data", required=True, type=Path)
+    features.add_argument("--name", required=True, help="the features' name (model.features)")
+    features.add_argument("--from", dest="init_from", default="", help="an export whose towers encode the items")
+    features.add_argument("--config", default=None, help="without --from: the config whose towers encode the items "
+                          "(a YAML file or a preset); its cluster section says where the job runs")
+    features.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    features.add_argument("--workers", type=int, default=2, help="actors holding the towers (a GPU each, if any)")
+    features.add_argument("--overwrite", action="store_true", help="replace features of that name")
+    add_verbose_arg(features)
+
+    transfer = commands.add_parser("transfer", help="fine-tuned, adapted, two-stage, zero-shot and from-scratch "
+                                   "models on a target, against the share of its training users kept")
+    transfer.add_argument("--from", dest="init_from", required=True, type=Path, help="export pretrained on the source")
+    transfer.add_argument("--data", required=True, type=Path, help="the target data set (no user or item of the source)")
+    add_config_args(transfer, resume=False)  # a study resumes by itself: finished runs are kept
+    transfer.add_argument("--fractions", default="0.05,0.1,0.25,0.5,1", help="shares of the target's training users")
+    transfer.add_argument("--seeds", type=int, default=3)
+    transfer.add_argument("--methods", default=",".join(TRANSFER_METHODS),
+                          help=f"a subset of {','.join(TRANSFER_METHODS)} (popularity and zero-shot always)")
+    transfer.add_argument("--out", required=True, type=Path, help="study directory: runs/, data/, report.md, report.png")
+
     demo = commands.add_parser("demo", help="synthetic source -> pretrain -> fine-tune on a disjoint target")
     demo.add_argument("--workdir", type=Path, default=Path("."), help="where data/, runs/ and exports/ go")
     demo.add_argument("--config", default="demo", help="a YAML file or a preset name")
+    add_verbose_arg(demo)
     cluster_commands.add_parsers(commands)
     return parser
 
 
 def command_prepare(args) -> None:
-    from transrec.dataloading.prepare import prepare_movielens
-    from transrec.dataloading.synthetic import MICROLENS, prepare_synthetic
+    from transrec.writers.movielens import prepare_movielens
+    from transrec.writers.synthetic import MICROLENS, prepare_synthetic
 
     if args.source == "movielens":
         manifest = prepare_movielens(args.src, args.out, image_fraction=args.image_fraction,
                                      skip_bad_rows=args.skip_bad_rows, overwrite=args.overwrite, domain=args.domain,
+                                     split=args.split,
                                      users_per_sample=args.users_per_sample)
     else:
         lengths = {"min_len": args.min_len, "max_len": args.max_len, "length_exponent": args.length_exponent}
         manifest = prepare_synthetic(args.out, users=args.users, items=args.items, seed=args.seed,
                                      image_fraction=args.image_fraction, overwrite=args.overwrite,
-                                     workers=args.workers, users_per_sample=args.users_per_sample,
+                                     workers=args.workers, users_per_sample=args.users_per_sample, shift=args.shift,
                                      **(MICROLENS if args.microlens else lengths))
     summary = {k: manifest[k] for k in ("num_users", "num_items", "num_interactions", "modality_counts", "skipped")}
     print(f"wrote {args.out}: {json.dumps(summary)}")
@@ -118,8 +158,34 @@ def command_evaluate(args) -> None:
     print(json.dumps({"model": source, "data": data, **results}, indent=2))
 
 
+def command_transfer(args) -> None:
+    from transrec.launcher.transfer import parse_fractions, run_study
+    from transrec.trainer import run_dir
+
+    fractions = parse_fractions(args.fractions)
+    methods = tuple(m for m in args.methods.split(",") if m)
+    unknown = [m for m in methods if m not in TRANSFER_METHODS]
+    if unknown or not methods:
+        raise ValueError(f"--methods: {','.join(unknown) or 'none given'}: choose from {','.join(TRANSFER_METHODS)}")
+    if args.seeds < 1:
+        raise ValueError(f"--seeds must be 1 or more, got {args.seeds}")
+    # what every run of the study will check, checked once before any of them
+    cfg = run_dir.resolve(load_config(args.config, [*args.overrides, f"data.path={args.data}",
+                                                    f"init_from={args.init_from}"]))
+    run_dir.check_model_parts(cfg)
+    run_dir.check_dataset(cfg)
+    args.out.mkdir(parents=True, exist_ok=True)
+    run_study(args.init_from, args.data, args.config, args.overrides, fractions, args.seeds, args.out, methods)
+    print((args.out / "report.md").read_text())
+    print(f"wrote {args.out / 'report.md'} and {args.out / 'report.png'}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "verbose", False):
+        os.environ[VERBOSE_ENV] = "1"  # read by the workers too (cluster/launch.py worker_env)
+    else:
+        quiet_libraries()
     try:
         if args.command == "prepare":
             command_prepare(args)
@@ -135,6 +201,18 @@ def main(argv: list[str] | None = None) -> int:
             from transrec.trainer.export import export
 
             print(f"exported to {export(args.run, args.out, args.tag, args.dtype)}")
+        elif args.command == "features":
+            from transrec.cluster.features import compute_features
+
+            if args.init_from and not (Path(args.init_from) / "config.json").is_file():
+                raise FileNotFoundError(f"--from {args.init_from}: not an export (no config.json)")
+            if args.workers < 1:
+                raise ValueError(f"--workers must be 1 or more, got {args.workers}")
+            cfg = load_config(args.config, [*args.overrides, f"data.path={args.data}"])
+            entry = compute_features(cfg, args.init_from, args.name, args.workers, args.overwrite)
+            print(f"wrote item features {args.name!r} of {args.data}: {json.dumps(entry)}")
+        elif args.command == "transfer":
+            command_transfer(args)
         elif args.command == "demo":
             from transrec.launcher.demo import run_demo
 

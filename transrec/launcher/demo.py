@@ -17,7 +17,7 @@ TARGET = {"users": 600, "items": 400, "seed": 1}
 
 
 def run_demo(workdir: Path, config_path: str) -> dict:
-    from transrec.dataloading.synthetic import prepare_synthetic
+    from transrec.writers.synthetic import prepare_synthetic
     from transrec.cluster.launch import prepare_and_train
     from transrec.models import TransRec
     from transrec.trainer.evaluate import evaluate_model

@@ -124,9 +124,13 @@ class ImageItemEncoder(nn.Module):
 
     def forward(self, images: torch.Tensor, item_ids: torch.Tensor | None = None) -> torch.Tensor:
         """`item_ids` (global item index per row) lets the frozen part's output be cached per item."""
+        return self.proj(self.features(images, item_ids))
+
+    def features(self, images: torch.Tensor, item_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """[n, num_features]: the pooled backbone output, before the projection."""
         # The loader hands float32 images; a bf16 model (DeepSpeed casts parameters, not inputs) wants bf16.
         images = images.to(self.proj.weight.dtype)
         if self.cache_frozen and item_ids is not None and len(images):
-            features = self.frozen_cache.lookup(item_ids, lambda rows: self._frozen_forward(images[rows]))
-            return self.proj(run_in_order(self.trainable_part, torch.stack(features)))
-        return self.proj(self.body(images))
+            frozen = self.frozen_cache.lookup(item_ids, lambda rows: self._frozen_forward(images[rows]))
+            return run_in_order(self.trainable_part, torch.stack(frozen))
+        return self.body(images)

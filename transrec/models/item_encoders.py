@@ -1,7 +1,7 @@
 """Item encoders: ItemBatch -> one vector per distinct item of the batch, [U, dim] in the order of `ids`.
 
 An item encoder is built from the ModelConfig; registering a class under a name makes it selectable
-as `model.item_encoder`.
+as `model.item_encoder`. Its `mode` says how the data routes the rows of an ItemBatch (item_store.ITEM_MODES).
 """
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from transrec.config import ModelConfig
-from transrec.batch import ItemBatch
+from transrec.batch import IMAGE, TEXT, ItemBatch
 from transrec.models.image_encoder import ImageItemEncoder
 from transrec.models.text_encoder import TextItemEncoder
 from transrec.registry import Registry
@@ -20,6 +20,8 @@ ITEM_ENCODERS: Registry[type[nn.Module]] = Registry("item encoder")
 @ITEM_ENCODERS.register("id")
 class IDItemEncoder(nn.Module):
     """The non-transferable baseline: one learned vector per global item index."""
+
+    mode = "id"
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -44,6 +46,7 @@ class MoMItemEncoder(nn.Module):
     """
 
     modalities: tuple[str, ...] = ("text", "image")
+    mode = "mom"
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -70,12 +73,62 @@ class MoMItemEncoder(nn.Module):
             vectors = vectors.index_copy(0, rows, part.to(vectors.dtype))
         return vectors
 
+    @property
+    def feature_width(self) -> int:
+        """Width of `features`: the widest tower's output before its projection."""
+        return max(tower.proj.in_features for tower in (self.text, self.image) if tower is not None)
+
+    @torch.no_grad()
+    def features(self, items: ItemBatch) -> torch.Tensor:
+        """[U, feature_width] float32: each item's pooled tower output before its projection (the input of a
+        two-stage model), zero-padded to the widest tower; no cache, no autograd."""
+        out = torch.zeros(items.ids.numel(), self.feature_width)
+        if self.text is not None and items.text_rows.numel():
+            text = self.text.features(items.input_ids, items.attention_mask)
+            out[items.text_rows, :text.shape[1]] = text.float().cpu()
+        if self.image is not None and items.image_rows.numel():
+            image = self.image.features(items.images)
+            out[items.image_rows, :image.shape[1]] = image.float().cpu()
+        return out
+
+
+@ITEM_ENCODERS.register("features")
+class FeaturesItemEncoder(nn.Module):
+    """MoRec's two-stage: each item's frozen-tower features, computed once per catalogue by `transrec features`,
+    through a trained projection per modality; no tower runs in the training step. The features are data, not
+    weights: `load_features` takes them from the data set, and checkpoints and exports leave them out."""
+
+    mode = "id"
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.features_width <= 0:
+            raise ValueError("the features item encoder needs model.features_width (set from the data set's features)")
+        self.register_buffer("table", torch.zeros(0, cfg.features_width), persistent=False)
+        self.register_buffer("modality", torch.zeros(0, dtype=torch.int8), persistent=False)
+        self.proj = nn.ModuleList(nn.Linear(cfg.features_width, cfg.dim) for _ in (TEXT, IMAGE))
+
+    def load_features(self, table: torch.Tensor, modality: torch.Tensor) -> None:
+        """[N, features_width] features and [N] modality codes of the catalogue."""
+        if table.shape[1] != self.proj[0].in_features:
+            raise ValueError(f"features of width {table.shape[1]}, the model was built for {self.proj[0].in_features}")
+        self.table = table.to(self.proj[0].weight)
+        self.modality = modality.to(device=self.proj[0].weight.device, dtype=torch.int8)
+
+    def forward(self, items: ItemBatch) -> torch.Tensor:
+        if not self.table.numel():
+            raise ValueError("no item features loaded (FeaturesItemEncoder.load_features)")
+        features = self.table[items.ids]
+        is_image = (self.modality[items.ids] == IMAGE)[:, None]
+        return torch.where(is_image, self.proj[IMAGE](features), self.proj[TEXT](features))
+
 
 @ITEM_ENCODERS.register("text")
 class TextOnlyItemEncoder(MoMItemEncoder):
     """Every item as text: the loader puts every row in `text_rows`."""
 
     modalities = ("text",)
+    mode = "text"
 
 
 @ITEM_ENCODERS.register("image")
@@ -83,3 +136,29 @@ class ImageOnlyItemEncoder(MoMItemEncoder):
     """Every item as an image: the loader puts every row in `image_rows`."""
 
     modalities = ("image",)
+    mode = "image"
+
+
+class IDPlusContentItemEncoder(MoMItemEncoder):
+    """MoRec's ID+content: an item's content vector plus a learned vector of its own. Not transferable (the ID
+    table belongs to one catalogue); it shows what content adds to IDs, and IDs to content."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg)
+        self.ids = IDItemEncoder(cfg)
+
+    def forward(self, items: ItemBatch) -> torch.Tensor:
+        content = super().forward(items)
+        return content + self.ids(items).to(content.dtype)
+
+
+@ITEM_ENCODERS.register("id+text")
+class IDPlusTextItemEncoder(IDPlusContentItemEncoder):
+    modalities = ("text",)
+    mode = "text"
+
+
+@ITEM_ENCODERS.register("id+mom")
+class IDPlusMoMItemEncoder(IDPlusContentItemEncoder):
+    modalities = ("text", "image")
+    mode = "mom"

@@ -167,6 +167,11 @@ class TextItemEncoder(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 item_ids: torch.Tensor | None = None) -> torch.Tensor:
         """`item_ids` (global item index per row) lets the frozen part's output be cached per item."""
+        return self.proj(self.features(input_ids, attention_mask, item_ids))
+
+    def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 item_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """[n, hidden]: the pooled token states, before the projection (what a two-stage model starts from)."""
         n = input_ids.size(0)
         if n == 0:
             # BERT cannot reshape an empty batch; run one 1-token dummy row instead, so every rank still
@@ -190,4 +195,4 @@ class TextItemEncoder(nn.Module):
         else:
             pooled = states.new_zeros(layout.lengths.numel(), states.shape[1]).index_add(0, layout.item, states)
             pooled = pooled / layout.lengths.clamp_min(1)[:, None].to(states.dtype)
-        return self.proj(pooled)[:n]
+        return pooled[:n]

@@ -93,12 +93,20 @@ class TransRec(nn.Module):
         """The content towers: their `body` is the (pretrained) text or image encoder."""
         return [m for m in self.modules() if isinstance(m, (TextItemEncoder, ImageItemEncoder))]
 
+    @property
+    def item_mode(self) -> str:
+        """How the data routes this model's items to its towers (item_store.ITEM_MODES)."""
+        return self.item_encoder.mode
+
     def encode_items(self, items: ItemBatch) -> torch.Tensor:
         """[U, dim]: one vector per distinct item, in the order of items.ids."""
         return self.item_encoder(items)
 
     def encode_users(self, item_vectors: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Left-padded histories [B, T, dim] -> user vectors [B, dim], the state at the newest item."""
+        """Left-padded histories [B, T, dim] -> user vectors [B, dim], the state at the newest item (bert4rec: at
+        a mask appended after it)."""
+        if self.user_encoder.cloze:
+            item_vectors, mask = self.user_encoder.append_mask(item_vectors, mask)
         return self.user_encoder(item_vectors, mask)[:, -1]
 
     def scoring(self, vectors: torch.Tensor) -> torch.Tensor:
@@ -108,7 +116,10 @@ class TransRec(nn.Module):
 
     def predicting(self, batch: Batch) -> torch.Tensor:
         """[B, T] True at the positions whose state predicts a target: every one with a target (causal), or only
-        the newest (bidirectional states have seen the whole history, their own targets included)."""
+        the newest (bidirectional states have seen the whole history, their own targets included); bert4rec's
+        cloze: the masked positions of each window (history, then its last target), [B, T+1]."""
+        if batch.cloze is not None:
+            return batch.cloze
         if self.user_encoder.causal:
             return batch.target_mask
         predicting = batch.target_mask.clone()
@@ -136,8 +147,15 @@ class TransRec(nn.Module):
         (default: this batch's predicting positions); `extra` = (ids, vectors) of more negatives, no gradient."""
         own = self.encode_items(batch.items)
         vectors = own if gather is None else gather(own)  # [R, d]
-        hidden = self.user_encoder(vectors[batch.history], batch.history_mask)
         predicting = self.predicting(batch)
+        if batch.cloze is None:
+            hidden = self.user_encoder(vectors[batch.history], batch.history_mask)
+            targets, negatives = batch.targets[predicting], batch.negatives[predicting]
+        else:  # each window's masked items, predicted from both sides
+            sequence = torch.cat([batch.history, batch.targets[:, -1:]], 1)
+            sequence_mask = torch.cat([batch.history_mask, batch.target_mask[:, -1:]], 1)
+            hidden = self.user_encoder(self.user_encoder.masked(vectors[sequence], batch.cloze), sequence_mask)
+            targets, negatives = sequence[predicting], batch.negatives.new_zeros(int(predicting.sum()), 0)
         users = self.scoring(hidden[predicting])
         if self.cfg.temperature > 0:
             users = users / self.cfg.temperature
@@ -145,13 +163,12 @@ class TransRec(nn.Module):
         if extra is not None:
             candidates = torch.cat([candidates, self.scoring(extra[1].to(candidates.dtype))])
             candidate_ids = torch.cat([candidate_ids, extra[0]])
-        targets = batch.targets[predicting]
         log_q = None
         if self.cfg.logq_correction and self.popularity.numel() and self.candidates_are_sampled:
             sampled = self.cfg.sampled_negatives if self.cfg.negatives in ("mixed", "bank") else 0
             log_q = log_inclusion(self.popularity, targets.numel(), sampled)[candidate_ids]
         excluded = seen_pairs(batch, predicting, targets) if self.cfg.mask_seen else None
-        loss = self.loss(users, candidates, targets, batch.negatives[predicting], excluded, log_q)
+        loss = self.loss(users, candidates, targets, negatives, excluded, log_q)
         return StepOutput(loss / (normalizer or max(targets.numel(), 1)), vectors.detach())
 
     def param_groups(self, lr: float, encoder_lr: float, weight_decay: float) -> list[dict]:
@@ -178,11 +195,12 @@ class TransRec(nn.Module):
     def add_adapters(self, blocks: int, dim: int) -> nn.ModuleList:
         """Bottleneck adapters after every user-encoder layer and each tower's top `blocks` blocks; returns them.
         (The text tower's top `blocks` must be its trainable ones, which run with autograd.)"""
-        targets = list(self.user_encoder.encoder.layers)
+        targets = [(block, self.cfg.dim) for block in self.user_encoder.blocks]
         for tower in self.towers():
             tower_blocks = list(tower.body.encoder.layer) if isinstance(tower, TextItemEncoder) else split_blocks(tower.body).blocks
-            targets += tower_blocks[-blocks:]
-        self.adapters = nn.ModuleList(Adapter(_width(block), dim) for block in targets)
+            targets += [(block, _width(block)) for block in tower_blocks[-blocks:]]
+        self.adapters = nn.ModuleList(Adapter(width, dim) for _, width in targets)
+        targets = [block for block, _ in targets]
         for block, adapter in zip(targets, self.adapters):
             block.register_forward_hook(_adapt_output(adapter))
         self.adapter_settings = {"blocks": blocks, "dim": dim}

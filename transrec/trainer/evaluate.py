@@ -94,12 +94,14 @@ def evaluate_model(model, data_path: str, cfg, splits=("valid", "test"), device:
     from transrec.dataloading.images import ImageDecoder
     from transrec.dataloading.item_store import ItemStore
     from transrec.dataloading.loader import EvalLoader
+    from transrec.trainer.finetune import load_item_features
 
     device = device or torch.device("cpu")
     model = model.to(device).eval()
     store = ItemStore(data_path)
+    load_item_features(model, store)
     decoder = ImageDecoder(model.cfg.image.image_size, cfg.data.image_decoder)
-    item_vecs = encode_catalogue(model, store, decoder, cfg.eval.item_batch_size, device, model.cfg.item_encoder)
+    item_vecs = encode_catalogue(model, store, decoder, cfg.eval.item_batch_size, device, model.item_mode)
     loaders = {split: EvalLoader(data_path, split, cfg.eval.batch_size, model.cfg.max_seq_len, 0, 1)
                for split in splits}
     results = evaluate_splits(model, item_vecs, loaders, cfg.eval.ks, device)

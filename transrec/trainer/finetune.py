@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import numpy as np
 import torch
 
 from transrec.config import Config, ModelConfig
+from transrec.dataloading.dataset_format import read_manifest
 
 # Model fields that say how a model trains, not what it is: a fine-tuning run takes these from its own config
 # (YAML and --set, as any run) and everything else from the export it starts from.
@@ -24,9 +26,14 @@ def fine_tuning_model(exported: ModelConfig, run: ModelConfig) -> ModelConfig:
 
 
 def model_config(cfg: Config, num_items: int) -> ModelConfig:
-    """The model section with each tower's trainable blocks set by the mode (an export keeps its num_items)."""
+    """The model section with each tower's trainable blocks set by the mode, the size of the ID table and the
+    width of the item features from the data set (an export keeps its own)."""
     mode, blocks = cfg.train.finetune_mode, cfg.train.finetune_blocks
-    model = cfg.model if cfg.init_from else replace(cfg.model, num_items=num_items)
+    model = cfg.model
+    if not cfg.init_from:
+        width = (read_manifest(cfg.data.path)["features"][model.features]["width"]
+                 if model.item_encoder == "features" else model.features_width)
+        model = replace(model, num_items=num_items, features_width=width)
     trainable = {"full": -1, "top_k": blocks, "adapters": blocks}.get(mode)
     if trainable is None:
         return model
@@ -35,14 +42,22 @@ def model_config(cfg: Config, num_items: int) -> ModelConfig:
                    image=replace(model.image, trainable_blocks=trainable))
 
 
+def load_item_features(model, store) -> None:
+    """Gives a two-stage model (item_encoder features) its item features from the data set `store` opened."""
+    if model.cfg.item_encoder == "features":
+        table = torch.from_numpy(np.array(store.features(model.cfg.features)))
+        model.item_encoder.load_features(table, torch.from_numpy(np.array(store.modality)))
+
+
 def build_model(cfg: Config, num_items: int, load_init: bool = True):
     """The run's model: random or pretrained encoders, or the `init_from` export's weights (unless `load_init`
     is False, when a checkpoint's weights come next); in adapters mode, with only the adapters trainable."""
     from transrec.models import TransRec
 
     model_cfg = model_config(cfg, num_items)
-    if cfg.init_from and model_cfg.item_encoder == "id":
-        raise ValueError(f"{cfg.init_from} is an ID-embedding model: its item table cannot transfer to new items")
+    if cfg.init_from and "id" in model_cfg.item_encoder.split("+"):
+        raise ValueError(f"{cfg.init_from} is a model with item IDs ({model_cfg.item_encoder}): its item table cannot "
+                         f"transfer to new items")
     if cfg.init_from and load_init:
         model = TransRec.from_pretrained(cfg.init_from, dtype=torch.float32, cfg=model_cfg)
     else:

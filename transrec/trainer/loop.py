@@ -20,9 +20,10 @@ from transrec.config import Config
 from transrec.trainer import checkpoint
 from transrec.trainer.audit import SampleAudit
 from transrec.trainer.checkpoint_store import run_checkpoints
+from transrec.trainer.console import Console
 from transrec.trainer.distributed import rank_and_world
 from transrec.trainer.evaluate import encode_catalogue, evaluate_popularity, evaluate_splits
-from transrec.trainer.finetune import build_model
+from transrec.trainer.finetune import build_model, load_item_features
 from transrec.trainer.host_memory import bound_host_memory, max_rank_rss_gb
 from transrec.trainer.item_sharing import share_items
 from transrec.trainer.mfu import StepTimer, matmul_peak
@@ -101,7 +102,7 @@ class TrainState:
 
 
 class Trainer:
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, console: Console | None = None):
         from transrec.dataloading.images import ImageDecoder
         from transrec.dataloading.dataset_format import read_manifest
         from transrec.dataloading.loader import EvalLoader, TrainLoader
@@ -122,16 +123,18 @@ class Trainer:
         # Buffers too (batch-norm statistics): DeepSpeed casts only the parameters, and a bf16 batch norm with
         # fp32 statistics fails. The optimizer keeps fp32 master weights either way.
         model.to(self.dtype)
-        self.mode = model.cfg.item_encoder
+        self.mode = model.item_mode
         self.decoder = ImageDecoder(model.cfg.image.image_size, cfg.data.image_decoder)
         self.loader = TrainLoader(cfg.data, cfg.data.path, batch_size=cfg.train.batch_size,
                                   max_seq_len=model.cfg.max_seq_len,
                                   num_negatives=cfg.data.num_negatives if model.cfg.loss == "bce" else 0,
                                   seed=cfg.train.seed, rank=self.rank, world_size=self.world, decoder=self.decoder,
                                   mode=self.mode, negatives=model.cfg.negatives,
-                                  sampled_negatives=model.cfg.sampled_negatives)
+                                  sampled_negatives=model.cfg.sampled_negatives,
+                                  cloze_prob=model.cfg.cloze_prob if model.user_encoder.cloze else 0.0)
         self.store = self.loader.store  # opened (and checked against the manifest) once
         model.set_item_popularity(torch.as_tensor(self.store.popularity))
+        load_item_features(model, self.store)
         self.bank = (ItemVectorBank(num_items, model.cfg.dim, device=self.device)
                      if model.cfg.negatives == "bank" else None)
         # The LR schedule spans all epochs; max_steps only stops the loop, so a run stopped by max_steps and
@@ -163,7 +166,7 @@ class Trainer:
         self.peak_flops = matmul_peak(self.dtype, self.device)  # this rank's threads (or GPU), in its precision
         self.audit = SampleAudit(cfg.run_dir, self.rank, cfg.train.log_sample_ids)
         self.audit.start(self.state.step, self.state.epoch)
-        self.log = RunLog(cfg.run_dir, enabled=self.rank == 0, total=self.total_steps, initial=self.state.step)
+        self.log = RunLog(cfg.run_dir, enabled=self.rank == 0, console=console or Console(), total=self.total_steps, initial=self.state.step)
         self.log.write({"kind": "machine", "matmul_peak_tflops": self.peak_flops / 1e12, "dtype": str(self.dtype),
                         "world_size": self.world, **memory_settings})
         if resume is not None:
@@ -293,9 +296,10 @@ class Trainer:
                         self.cfg.train.keep_checkpoints, protected, shared)
 
 
-def train(cfg: Config) -> dict:
-    """Trains (or resumes) the run `cfg.name`; returns the summary that rank 0 also writes to results.json."""
-    return Trainer(cfg).fit()
+def train(cfg: Config, console: Console | None = None) -> dict:
+    """Trains (or resumes) the run `cfg.name`; returns the summary that rank 0 also writes to results.json.
+    Rank 0 draws its progress on `console` (default: this process's terminal)."""
+    return Trainer(cfg, console).fit()
 
 
 def flatten(per_split: dict[str, dict[str, float]]) -> dict[str, float]:

@@ -48,6 +48,9 @@ def check_dataset(cfg: Config) -> None:
     if "://" in cfg.data.path:
         return
     manifest = read_manifest(cfg.data.path)
+    if cfg.model.item_encoder == "features" and cfg.model.features not in manifest.get("features", {}):
+        raise ConfigError(f"model.features: {cfg.model.features!r} is not among the item features of {cfg.data.path} "
+                          f"({', '.join(manifest.get('features', {})) or 'none'}): run `transrec features` first")
     if cfg.train.batch_size % manifest["users_per_sample"]:
         raise ConfigError(f"train.batch_size {cfg.train.batch_size} is not a multiple of users_per_sample="
                           f"{manifest['users_per_sample']}, the train sequences per sample of {cfg.data.path}")

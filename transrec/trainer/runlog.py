@@ -1,19 +1,19 @@
-"""What a run shows while it runs (a progress bar) and leaves behind (metrics.jsonl, TensorBoard, a PNG)."""
+"""What a run shows while it runs (a progress bar, a line per evaluation) and leaves behind (metrics.jsonl,
+TensorBoard, a PNG)."""
 from __future__ import annotations
 
 import json
 import time
 from pathlib import Path
 
-from tqdm import tqdm
-
 
 class RunLog:
     """Rank 0's log. Every record goes to metrics.jsonl and, as scalars, to TensorBoard."""
 
-    def __init__(self, run_dir: Path, enabled: bool, total: int, initial: int = 0):
+    def __init__(self, run_dir: Path, enabled: bool, console, total: int, initial: int = 0):
         self.enabled = enabled
         self.run_dir = run_dir
+        self.console, self.total, self.done = console, total, initial
         if not enabled:
             return
         from torch.utils.tensorboard import SummaryWriter
@@ -21,12 +21,11 @@ class RunLog:
         run_dir.mkdir(parents=True, exist_ok=True)
         self.jsonl = open(run_dir / "metrics.jsonl", "a")
         self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"))
-        self.bar = tqdm(total=total, initial=initial, desc=run_dir.name, unit="step", mininterval=2.0)
 
     def step(self, loss: float) -> None:
         if self.enabled:
-            self.bar.update(1)
-            self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+            self.done += 1
+            self.console.progress(self.run_dir.name, self.done, self.total, loss)
 
     def write(self, record: dict) -> None:
         if not self.enabled:
@@ -39,12 +38,12 @@ class RunLog:
             if isinstance(value, (int, float)) and key not in ("time", "step", "epoch"):
                 self.tensorboard.add_scalar(f"{record['kind']}/{key}", value, step)
         if record["kind"] == "eval":
-            tqdm.write(f"[{self.run_dir.name}] step {step}: " + "  ".join(
+            self.console.line(f"[{self.run_dir.name}] step {step}: " + "  ".join(
                 f"{k}={v:.4f}" for k, v in record.items() if "@10" in k))
 
     def close(self) -> None:
         if self.enabled:
-            self.bar.close()
+            self.console.close()
             self.tensorboard.close()
             self.jsonl.close()
             plot_curves(self.run_dir / "metrics.jsonl", self.run_dir / "curves.png")

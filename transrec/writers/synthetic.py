@@ -14,8 +14,8 @@ nothing is shared, yet what a model learns on one (topic words, topic looks, top
 Scale: users are drawn in parts of `users_per_part`, part p from its own seed (seed, p), vectorized over the
 part's users, so the data set depends on neither the number of processes nor their order, and memory is
 bounded by one part per process. With `workers` > 1, a forked process pool renders the posters and writes
-each part as its own MDS shard set (prepare.SequenceWriter), joined by one index per split. Train samples
-hold `users_per_sample` sequences each (prepare.py says why).
+each part as its own MDS shard set (dataset_writer.SequenceWriter), joined by one index per split. Train
+samples hold `users_per_sample` sequences each (dataloading/dataset_format.py says why).
 """
 from __future__ import annotations
 
@@ -28,9 +28,10 @@ from pathlib import Path
 import numpy as np
 
 from transrec.batch import IMAGE
-from transrec.dataloading.posters import RGB, SHAPES, render_poster, tag_color
 from transrec.dataloading.dataset_format import USERS_PER_SAMPLE
-from transrec.dataloading.prepare import TOKENIZE_CHUNK, DatasetWriter, ItemRecord, SequenceWriter, choose_modalities
+from transrec.writers.dataset_writer import (TOKENIZE_CHUNK, DatasetWriter, ItemRecord, SequenceWriter,
+                                             choose_modalities)
+from transrec.writers.posters import RGB, SHAPES, render_poster, tag_color
 
 TOPIC_WORDS: dict[str, tuple[str, ...]] = {  # real English words, so that the tokenizer sees real tokens
     "sports": tuple("football goal team coach stadium match league player score ball season champion".split()),
@@ -65,6 +66,7 @@ MICROLENS = {"min_len": 5, "max_len": 500, "length_exponent": 1.8}
 class World:
     topics: tuple[str, ...]
     succession: np.ndarray  # float [K, K], rows sum to 1: p(next topic | last topic)
+    vocabulary: tuple[tuple[str, ...], ...]  # per topic, the words its items' texts are drawn from
 
     def colors(self, topic: int) -> list[RGB]:
         return [tag_color(self.topics[topic]), tag_color(self.topics[topic] + "/accent")]
@@ -73,16 +75,31 @@ class World:
         return SHAPES[topic % len(SHAPES)]
 
 
-def make_world(num_topics: int) -> World:
+def make_world(num_topics: int, shift: float = 0.0) -> World:
+    """The world of `num_topics` topics. `shift` moves it away from the shift-0 world while keeping its topics
+    (and their poster looks): a share `shift` of each topic's words is its partner topic's (a fixed derangement),
+    and its succession is that share of the way to the partner topics' succession. At 1 a topic's items read
+    like its partner's did and follow its partner's order: what a model learned at shift 0 misleads it."""
     if not 1 <= num_topics <= len(TOPIC_WORDS):
         raise ValueError(f"topics must be in 1..{len(TOPIC_WORDS)}, got {num_topics}")
+    if not 0.0 <= shift <= 1.0:
+        raise ValueError(f"shift must be in [0, 1], got {shift}")
     cycle = np.random.default_rng(WORLD_SEED).permutation(num_topics)
     successor = np.empty(num_topics, np.int64)
     successor[cycle] = np.roll(cycle, -1)  # one cycle through all topics: no topic succeeds itself
     succession = np.full((num_topics, num_topics), (1 - STAY - FOLLOW) / num_topics)
     succession[np.arange(num_topics), np.arange(num_topics)] += STAY
     succession[np.arange(num_topics), successor] += FOLLOW
-    return World(tuple(list(TOPIC_WORDS)[:num_topics]), succession / succession.sum(1, keepdims=True))
+    succession /= succession.sum(1, keepdims=True)
+    topics = tuple(list(TOPIC_WORDS)[:num_topics])
+    partner = np.roll(np.arange(num_topics), 1)  # topic k's partner: k - 1 (itself when there is one topic)
+    succession = (1 - shift) * succession + shift * succession[np.ix_(partner, partner)]
+    vocabulary = []
+    for k, topic in enumerate(topics):
+        own, theirs = TOPIC_WORDS[topic], TOPIC_WORDS[topics[partner[k]]]
+        keep = round((1 - shift) * len(own))
+        vocabulary.append(own[:keep] + theirs[keep:])
+    return World(topics, succession, tuple(vocabulary))
 
 
 @dataclass
@@ -99,7 +116,7 @@ def make_catalogue(world: World, num_items: int, rng: np.random.Generator) -> Ca
     weight = (rng.permutation(num_items) + 1.0) ** -POPULARITY_EXPONENT
     texts = []
     for k in topic:
-        words = list(rng.choice(TOPIC_WORDS[world.topics[k]], size=rng.integers(3, 6), replace=False))
+        words = list(rng.choice(world.vocabulary[k], size=rng.integers(3, 6), replace=False))
         words += list(rng.choice(NOISE_WORDS, size=rng.integers(0, 3), replace=False))
         rng.shuffle(words)
         texts.append(" ".join(words).capitalize())
@@ -232,14 +249,16 @@ def prepare_synthetic(out: str | Path, users: int = 2000, items: int = 1000, see
                       image_fraction: float = 0.5, min_len: int = 5, max_len: int = 50, topics: int = 16,
                       max_text_len: int = 32, tokenizer: str = "minilm", overwrite: bool = False,
                       image_size: int = 96, length_exponent: float = 0.0, workers: int = 1,
-                      users_per_part: int = USERS_PER_PART, users_per_sample: int = USERS_PER_SAMPLE) -> dict:
+                      users_per_part: int = USERS_PER_PART, users_per_sample: int = USERS_PER_SAMPLE,
+                      shift: float = 0.0) -> dict:
     """Generates a data set of `users` sequences over `items` items into `out`. Returns the manifest.
 
     Sequence lengths: p(L) ~ L^-length_exponent on min_len..max_len (0: uniform), capped at `items` (no item
     occurs twice in a sequence). `workers` processes render posters and write parts; the data set is the
-    same for any number of them.
+    same for any number of them. `shift` moves the world away from the shared one (make_world): two seeds at
+    shift 0 are two domains of one world; a target at shift s is s of the way to another world.
     """
-    world = make_world(topics)
+    world = make_world(topics, shift)
     rng = np.random.default_rng(seed)
     catalogue = make_catalogue(world, items, rng)
     model = UserModel(world, catalogue.topic, catalogue.weight, seed, min_len, max_len, length_exponent)
@@ -266,5 +285,6 @@ def prepare_synthetic(out: str | Path, users: int = 2000, items: int = 1000, see
             name=f"synthetic-seed{seed}", source="synthetic", synthetic_images=True, image_fraction=image_fraction,
             image_size=image_size, seed=seed,
             params={"users": users, "items": items, "topics": topics, "min_len": min_len, "max_len": max_len,
-                    "length_exponent": length_exponent, "users_per_part": users_per_part},
+                    "length_exponent": length_exponent, "users_per_part": users_per_part,
+                    "shift": shift},
         )

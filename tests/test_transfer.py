@@ -1,0 +1,78 @@
+"""The transfer study's targets: a share of the training users kept, evaluation unchanged (its runs and report
+are checked end to end in test_end_to_end.py)."""
+import json
+
+import numpy as np
+import pytest
+
+from transrec.dataloading.item_store import ItemStore
+from transrec.dataloading.loader import _ShardedSequences
+from transrec.launcher.transfer import parse_fractions
+from transrec.writers.subsample import kept_users, subsample_train_users
+
+
+def train_users(dataset) -> dict[int, list[int]]:
+    return {int(s["user"]): list(s["items"]) for s in _ShardedSequences(dataset / "train")}
+
+
+def eval_sequences(dataset) -> list[tuple[int, list[int]]]:
+    return [(int(s["user"]), list(s["items"])) for s in _ShardedSequences(dataset / "eval")]
+
+
+def test_a_share_of_the_users_trains_and_every_user_is_evaluated_as_before(tiny_dataset, tmp_path):
+    full = train_users(tiny_dataset)
+    written = {}
+    for fraction, seed in ((0.25, 0), (0.5, 0), (0.5, 0), (0.5, 1)):
+        out = tmp_path / f"users{fraction}-seed{seed}"
+        manifest = subsample_train_users(tiny_dataset, out, fraction, seed, overwrite=True)
+        kept = train_users(out)
+        assert manifest["subsample"]["train_users"] == len(kept) == round(fraction * len(full))
+        assert all(full[user] == items for user, items in kept.items())  # kept sequences are whole
+        assert eval_sequences(out) == eval_sequences(tiny_dataset)  # same users, same ids, same histories
+        popularity = np.bincount(np.concatenate([items for items in kept.values()]), minlength=manifest["num_items"])
+        assert np.array_equal(ItemStore(out).popularity, popularity)
+        source, copy = ItemStore(tiny_dataset), ItemStore(out)
+        assert np.array_equal(source.modality, copy.modality)
+        assert all(np.array_equal(source.tokens(np.arange(4))[i], copy.tokens(np.arange(4))[i]) for i in range(2))
+        assert all(np.array_equal(source.jpeg(i), copy.jpeg(i)) for i in range(source.num_items))
+        written.setdefault((fraction, seed), []).append(set(kept))
+    assert written[0.5, 0][0] == written[0.5, 0][1]  # deterministic for a seed
+    assert written[0.25, 0][0] < written[0.5, 0][0]  # a smaller share's users are among a larger one's
+    assert written[0.5, 0][0] != written[0.5, 1][0]
+
+
+def test_kept_users_is_a_seeded_cut_of_one_permutation():
+    for seed in range(3):
+        small, large = kept_users(100, 0.05, seed), kept_users(100, 0.5, seed)
+        assert small.sum() == 5 and large.sum() == 50 and not (small & ~large).any()
+    assert kept_users(10, 0.01, 0).sum() == 1  # at least one user trains
+    with pytest.raises(ValueError, match="fraction must be in"):
+        kept_users(10, 0.0, 0)
+
+
+def test_fractions_are_checked():
+    assert parse_fractions("1,0.05, 0.5") == [0.05, 0.5, 1.0]
+    for bad in ("0,0.5", "1.5", "half", ""):
+        with pytest.raises(ValueError, match="--fractions"):
+            parse_fractions(bad)
+
+
+def test_bad_study_arguments_are_one_line_errors_before_any_run(tiny_dataset, tmp_path, capsys):
+    from transrec.launcher.cli import main
+
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "config.json").write_text(json.dumps({}))
+    common = ["transfer", "--from", str(export), "--data", str(tiny_dataset), "--config", "tiny", "--out",
+              str(tmp_path / "study")]
+    for extra, message in ((["--methods", "finetuned"], "--methods: finetuned: choose from"),
+                           (["--fractions", "2"], "--fractions: each share"),
+                           (["--seeds", "0"], "--seeds must be 1 or more"),
+                           (["--set", "train.batch_size=-4"], "train.batch_size")):
+        assert main([*common, *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err, err
+    assert main([*common[:2], str(tmp_path / "nothing"), *common[3:]]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"init_from: {tmp_path / 'nothing'}/config.json not found" in err, err
+    assert not (tmp_path / "study").exists()
