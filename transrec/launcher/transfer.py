@@ -108,11 +108,11 @@ def write_report(rows: list[dict], out: Path) -> None:
     lines = ["| users kept | method | seeds | test HR@10 | test NDCG@10 | NDCG@10 / scratch | seconds to best | "
              "training seconds |", "|---|---|---|---|---|---|---|---|"]
     for fraction in fractions:
-        scratch = [r["ndcg@10"] for r in cell[fraction, "scratch"]] if "scratch" in methods else []
+        scratch = statistics.mean(r["ndcg@10"] for r in cell[fraction, "scratch"]) if "scratch" in methods else 0.0
         for method in methods:
             runs = cell[fraction, method]
             ndcg = [r["ndcg@10"] for r in runs]
-            ratio = f"{statistics.mean(ndcg) / statistics.mean(scratch):.2f}" if scratch and statistics.mean(scratch) else "-"
+            ratio = f"{statistics.mean(ndcg) / scratch:.2f}" if scratch else "-"
             lines.append(f"| {fraction:.0%} | {method} | {len(runs)} | {mean_sd([r['hr@10'] for r in runs])} | "
                          f"{mean_sd(ndcg)} | {ratio} | {mean_sd([r['seconds_to_best'] for r in runs if 'seconds' in r], 0)} | "
                          f"{mean_sd([r['seconds'] for r in runs if 'seconds' in r], 0)} |")
