@@ -12,6 +12,7 @@ import pytest
 
 ML100K = (Path(__file__).parents[1] / "../shared/data/ml-100k").resolve()
 TINY = dict(users=120, items=80, seed=0, image_fraction=0.5, min_len=4, max_len=12, topics=8, image_size=32)
+TINY_VIDEO = dict(TINY, image_fraction=0.3, video_fraction=0.3, clip_frames=8)  # clips of 8 frames, 32 x 32
 
 
 def flip_last_byte(path: Path) -> None:
@@ -62,8 +63,8 @@ def moto_s3(bucket: str = "transrec"):
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
-    urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST"))  # moto's state
-    # is per process, not per server: start empty
+    # moto's state is per process, not per server: start empty
+    urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST"), timeout=60)
     settings = {"S3_ENDPOINT_URL": endpoint, "AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "test",
                 "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
     saved = {name: os.environ.get(name) for name in settings}
@@ -98,9 +99,55 @@ def tiny_dataset(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_video_dataset(tmp_path_factory) -> Path:
+    """TINY with all three modalities: text, image and video items."""
+    from transrec.writers.synthetic import prepare_synthetic
+
+    out = tmp_path_factory.mktemp("data") / "tiny-video"
+    prepare_synthetic(out, **TINY_VIDEO)
+    return out
+
+
+@pytest.fixture(scope="session")
 def ml100k_dataset(tmp_path_factory) -> Path:
     from transrec.writers.movielens import prepare_movielens
 
     out = tmp_path_factory.mktemp("data") / "ml-100k"
     prepare_movielens(ML100K, out, image_fraction=0.25, image_size=32)
     return out
+
+
+LAUNCH_STEPS = 6  # the runs of `runs`: 48 users in global batches of 16, 3 steps per epoch, 2 epochs
+
+
+@pytest.fixture(scope="session")
+def launch_dataset(tmp_path_factory) -> Path:
+    """48 synthetic users, 40 items: the data of the launched runs."""
+    from transrec.writers.synthetic import prepare_synthetic
+
+    out = tmp_path_factory.mktemp("data") / "syn"
+    prepare_synthetic(out, users=48, items=40)
+    return out
+
+
+@pytest.fixture(scope="session")
+def runs(tmp_path_factory, launch_dataset):
+    """train(name, stage, *overrides, nproc=2, resume=False) -> the run directory of the tiny config launched on
+    torchrun ranks (2 epochs, a checkpoint every step, the sample audit on), cached per argument list."""
+    from transrec.trainer.torchrun_entry import launch
+
+    output_dir = tmp_path_factory.mktemp("runs")
+    done: dict[tuple, Path] = {}
+
+    def train(name: str, stage: int, *overrides: str, nproc: int = 2, resume: bool = False) -> Path:
+        key = (name, stage, overrides, nproc, resume)
+        if key not in done:
+            sets = [f"name={name}", f"output_dir={output_dir}", f"data.path={launch_dataset}", "train.epochs=2",
+                    "train.log_every=1", "train.log_sample_ids=true", "train.checkpoint_every=1",
+                    f"train.keep_checkpoints={LAUNCH_STEPS}", f"train.zero_stage={stage}", *overrides]
+            result = launch(nproc, "tiny", sets, resume)
+            assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+            done[key] = output_dir / name
+        return done[key]
+
+    return train

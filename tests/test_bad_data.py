@@ -16,11 +16,14 @@ from transrec.config import ConfigError, DataConfig, load_config
 from transrec.batch import IMAGE, TEXT
 from transrec.dataloading.images import ImageDecoder
 from transrec.dataloading.dataset_format import USERS_PER_SAMPLE, DataError, DatasetFileError
-from transrec.dataloading.item_store import ItemStore
+from transrec.dataloading.item_store import CONTENT, ItemStore
 from transrec.dataloading.loader import EvalLoader, TrainLoader, _ShardedSequences
 from transrec.dataloading.dataset_format import EVAL_COLUMNS, TRAIN_COLUMNS, pack_sequences
 from transrec.writers.movielens import prepare_movielens
+from transrec.writers.synthetic import prepare_synthetic
 from transrec.fileio import describe_files
+from transrec.trainer.audit import read_audit
+from transrec.trainer.torchrun_entry import launch
 
 BATCH = 16
 
@@ -36,9 +39,11 @@ def data(tiny_dataset, tmp_path) -> Path:
     return Path(shutil.copytree(tiny_dataset, tmp_path / "data"))
 
 
-def make_loader(dataset: Path, policy: str, decoder=None, workers: int = 0, verify: str = "full") -> TrainLoader:
+def make_loader(dataset: Path, policy: str, decoder=None, workers: int = 0, verify: str = "full",
+                video_decoder=None) -> TrainLoader:
     return TrainLoader(DataConfig(loader_workers=workers, on_bad_record=policy), dataset, batch_size=BATCH,
-                       max_seq_len=6, num_negatives=2, seed=3, rank=0, world_size=1, decoder=decoder, verify=verify)
+                       max_seq_len=6, num_negatives=2, seed=3, rank=0, world_size=1, decoder=decoder, verify=verify,
+                       video_decoder=video_decoder)
 
 
 def epoch(loader: TrainLoader) -> list:
@@ -58,13 +63,15 @@ def sign(dataset: Path) -> None:
     (dataset / "manifest.json").write_text(json.dumps(manifest))
 
 
-def set_image(dataset: Path, item: int, jpeg: bytes) -> None:
+def set_content(dataset: Path, item: int, payload: bytes, modality: int = IMAGE) -> None:
+    """Replaces the JPEG (or clip) of an item, as if written so."""
+    offsets_name, file = CONTENT[modality]
     items = dataset / "items"
-    offsets = np.load(items / "image_offsets.npy")
-    images = (items / "images.bin").read_bytes()
-    (items / "images.bin").write_bytes(images[:offsets[item]] + jpeg + images[offsets[item + 1]:])
-    offsets[item + 1:] += len(jpeg) - (offsets[item + 1] - offsets[item])
-    np.save(items / "image_offsets.npy", offsets)
+    offsets = np.load(items / f"{offsets_name}.npy")
+    content = (items / file).read_bytes()
+    (items / file).write_bytes(content[:offsets[item]] + payload + content[offsets[item + 1]:])
+    offsets[item + 1:] += len(payload) - (offsets[item + 1] - offsets[item])
+    np.save(items / f"{offsets_name}.npy", offsets)
     sign(dataset)
 
 
@@ -113,7 +120,7 @@ def busy_item(dataset: Path, modality: int) -> int:
 ])
 def test_missing_or_corrupt_image(data, jpeg, kind, problem):
     item = busy_item(data, IMAGE)
-    set_image(data, item, jpeg)
+    set_content(data, item, jpeg)
     with pytest.raises(DataError, match=rf"images?[._].*: item {item}: {problem}(.|\n)*on_bad_record=skip"):
         make_loader(data, "stop")
     loader = make_loader(data, "skip")
@@ -129,7 +136,7 @@ def test_image_that_does_not_decode_is_blanked_and_counted(data, policy):
     """A JPEG whose start is fine but whose body is cut: only decoding finds it, mid-epoch; no crash."""
     item = busy_item(data, IMAGE)
     offsets = np.load(data / "items" / "image_offsets.npy")
-    set_image(data, item, (data / "items" / "images.bin").read_bytes()[offsets[item]:offsets[item] + 60])
+    set_content(data, item, (data / "items" / "images.bin").read_bytes()[offsets[item]:offsets[item] + 60])
     loader = make_loader(data, policy, decoder=ImageDecoder(16, backend="dali"), workers=1)
     assert loader.found == {}
     batches = epoch(loader)
@@ -148,7 +155,7 @@ def test_image_that_does_not_decode_is_blanked_and_counted(data, policy):
 
 def test_evaluation_shows_a_bad_image_blank(data):
     item = busy_item(data, IMAGE)
-    set_image(data, item, b"")
+    set_content(data, item, b"")
     store = ItemStore(data)
     ids = np.flatnonzero(store.modality == IMAGE)[:6]
     images = store.item_batch(np.union1d(ids, [item]), decoder=ImageDecoder(16, backend="dali")).images
@@ -235,11 +242,13 @@ def test_unreadable_sample_is_skipped(data):
     assert_skipped_exactly(data, batches, block, loader, "unreadable", records=1)
 
 
-def test_a_batch_of_only_bad_samples_is_not_a_step(data):
+def test_a_batch_of_only_bad_samples_is_handed_out_empty_and_counted(data):
     item = busy_item(data, IMAGE)
     rewrite_train(data, {i: [item] for i in range(120)})  # every sample too short
     loader = make_loader(data, "skip")
-    assert epoch(loader) == [] and loader.skipped["too_short"] == 120 and loader.skipped["empty_batch"] == 8
+    batches = epoch(loader)
+    assert len(batches) == 8 and all(batch.users.numel() == 0 and batch.items.ids.numel() == 0 for batch in batches)
+    assert loader.skipped["too_short"] == 120 and loader.skipped["empty_batch"] == 8
 
 
 @pytest.mark.parametrize("line, problem", [
@@ -257,14 +266,22 @@ def test_prepare_names_a_title_that_is_empty_or_not_utf8(tmp_path, line, problem
     assert manifest["skipped"]["unknown_item_interactions"] == 1  # item 5's interaction
 
 
-def test_an_empty_batch_repeats_the_previous_one_when_ranks_step_together(data):
-    loader = make_loader(data, "skip")
-    good = next(iter(loader))
-    empty = type(good)(**{**good.__dict__, "users": good.users[:0], "skipped": ["..."]})
-    assert loader._replace_empty(empty, previous=None) is None  # one rank: nothing to keep in step with
-    loader.world_size = 2
-    assert loader._replace_empty(empty, previous=good) is good
-    with pytest.raises(DataError, match="every sample of this rank's first batch is bad"):
-        loader._replace_empty(empty, previous=None)
-    assert loader.skipped["empty_batch"] == 3
-    loader.close()
+def test_a_rank_whose_batch_is_all_bad_steps_with_the_others_and_nothing_repeats(tmp_path):
+    """2 ranks x 1 block of 8 users per batch, 6 blocks: 3 global batches. Every block but the first is bad, so
+    one global batch holds one good block and one empty one, the two others are empty on both ranks. ZeRO-3:
+    the empty rank runs every module with the others. One optimizer step, on the good users once; no repeat."""
+    prepare_synthetic(tmp_path / "data", users=48, items=40)
+    rewrite_train(tmp_path / "data", {user: [3] for user in range(USERS_PER_SAMPLE, 48)})  # too short
+    sets = [f"data.path={tmp_path / 'data'}", f"output_dir={tmp_path}", "name=holes", "train.zero_stage=3",
+            "train.log_every=1", "train.log_sample_ids=true", "eval.every_epochs=0"]
+    result = launch(2, "tiny", sets)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "holes" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "train"] == [1]
+    audits = [[r for r in read_audit(tmp_path / "holes" / "samples" / f"rank{rank}.jsonl") if "ids" in r]
+              for rank in (0, 1)]
+    assert [[r["step"] for r in audit] for audit in audits] == [[1], [1]]  # both ranks took that step
+    assert sorted(audits[0][0]["ids"] + audits[1][0]["ids"]) == list(range(USERS_PER_SAMPLE))
+    (data_record,) = [r for r in records if r["kind"] == "data"]  # rank 0's 3 batches: 2 or 3 of them empty
+    assert data_record["skipped/empty_batch"] == 3 - bool(audits[0][0]["ids"])
+    assert data_record["target_positions"] > 0

@@ -68,14 +68,27 @@ def test_presets_ship_in_the_package_and_load_by_name(tmp_path):
     ("train.batch_size=-4", r"train\.batch_size must be > 0, got -4"),
     ("model.dropout=1.5", r"model\.dropout must be in \[0, 1\), got 1\.5"),
     ("data.train_window=sometimes", r"data\.train_window must be one of 'stride', 'random', 'last'"),
+    ("data.video_decoder=opencv", r"data\.video_decoder must be one of 'auto', 'dali', 'pyav', got 'opencv'"),
+    ("model.video.temporal=lstm", r"model\.video\.temporal must be one of 'mean', 'transformer', got 'lstm'"),
+    ("model.video.frames=0", r"model\.video\.frames must be > 0, got 0"),
+    ("model.features_head=deep", r"model\.features_head must be one of 'linear', 'mlp', got 'deep'"),
     ("model.heads=3", r"model\.dim \(64\) must be a multiple of model\.heads \(3\)"),
     ("model.negatives=mixed", r"model\.negatives mixed needs model\.sampled_negatives >= 1"),
     ("model.text.cache_frozen=true", r"model\.text\.cache_frozen works with train\.zero_stage 1 or 2, not 3"),
     ("model.loss=bce", r"model\.user_encoder bert4rec trains by cloze with model\.loss softmax, not bce"),
     ("model.attention=bidirectional", r"model\.attention bidirectional needs a Transformer model\.user_encoder \(sasrec, bert4rec\): gru4rec"),
+    ("model.text.pooling=max", r"model\.text\.pooling must be one of 'mean', 'cls', 'last', got 'max'"),
+    ("model.text.item_token=-2", r"model\.text\.item_token must be >= -1, got -2"),
+    ("model.text.item_token=5", r"model\.text\.item_token needs model\.text\.pooling last \(its state is the item's vector\), not mean"),
+    ("train.finetune_mode=qlora", r"train\.finetune_mode must be one of '', 'full', 'top_k', 'adapters', 'lora', got 'qlora'"),
+    ("train.lora_r=0", r"train\.lora_r must be > 0, got 0"),
+    ("train.lora_dropout=1.0", r"train\.lora_dropout must be in \[0, 1\), got 1\.0"),
+    ("train.finetune_blocks=0", r"train\.finetune_mode lora needs train\.finetune_blocks != 0"),
+    ("train.offload_params=true", r"train\.offload_params needs train\.zero_stage 3 \(the stage that partitions parameters\), not 2"),
 ])
 def test_bad_values_name_their_key_when_the_config_loads(tmp_path, override, message):
     base = {"cache_frozen": "train: {zero_stage: 3}\n", "attention": "model: {user_encoder: gru4rec}\n",
-            "loss=bce": "model: {user_encoder: bert4rec}\ndata: {num_negatives: 1}\n"}
+            "loss=bce": "model: {user_encoder: bert4rec}\ndata: {num_negatives: 1}\n",
+            "finetune_blocks": "train: {finetune_mode: lora}\n"}
     with pytest.raises(ConfigError, match=message):
         load_config(write(tmp_path, next((v for k, v in base.items() if k in override), "{}")), [override])

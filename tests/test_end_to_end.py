@@ -67,22 +67,26 @@ def test_pretrain_checkpoint_export_reload_finetune(tmp_path, ray_cluster, capfd
     for key, value in by_checkpoint["test"].items():
         assert value == pytest.approx(results["best"][f"test/{key}"], abs=1e-6)
 
-    # the transfer study: fine-tuned from the export and from scratch, on half and all of the target's users
+    # the transfer study (fine-tuned from the export; scratch is a plain pretrain), on half and all of the
+    # target's users
     study = tmp_path / "study"
     assert main(["transfer", "--from", str(export_dir), "--data", str(target), "--config", CONFIG, *common,
-                 "--fractions", "0.5,1", "--seeds", "1", "--methods", "fine-tuned,scratch", "--out", str(study)]) == 0
+                 "--fractions", "0.5,1", "--seeds", "1", "--methods", "fine-tuned", "--out", str(study)]) == 0
     fine = json.loads((study / "runs" / "fine-tuned-users1-seed0" / "results.json").read_text())
     assert fine["steps"] == 2  # one epoch: 32 users in batches of 8 on each of 2 ranks
     assert fine["epochs"] == 1 and fine["history"][-1]["epoch"] == 1  # the last step ended the epoch
     assert fine["best"]["test/ndcg@10"] > 0.0
-    half = json.loads((study / "runs" / "scratch-users0.5-seed0" / "results.json").read_text())
+    half = json.loads((study / "runs" / "fine-tuned-users0.5-seed0" / "results.json").read_text())
     assert half["steps"] == 1  # 16 users kept: one batch per epoch
     report = (study / "report.md").read_text().splitlines()
     cells = [line.split(" | ") for line in report if line.startswith("| 50%") or line.startswith("| 100%")]
-    assert [c[1] for c in cells] == ["popularity", "zero-shot", "fine-tuned", "scratch"] * 2
+    assert [c[1] for c in cells] == ["popularity", "zero-shot", "zero-shot+popularity", "fine-tuned"] * 2
     # each cell is its run's own result
-    assert cells[6][4].startswith(f"{fine['best']['test/ndcg@10']:.4f} ± 0.0000")
+    assert cells[7][4].startswith(f"{fine['best']['test/ndcg@10']:.4f} ± 0.0000")
     assert cells[3][4].startswith(f"{half['best']['test/ndcg@10']:.4f} ± 0.0000")
+    prior = json.loads((study / "runs" / "zero-shot+popularity-users1-seed0" / "results.json").read_text())
+    by_weight = prior["valid_by_prior_weight"]  # the weight is chosen on valid
+    assert prior["prior_weight"] == float(max(by_weight, key=by_weight.get))
     assert (study / "report.png").stat().st_size > 0
 
 

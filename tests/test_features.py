@@ -4,6 +4,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from conftest import TINY
 from transrec.batch import IMAGE
@@ -56,6 +57,31 @@ def test_the_features_encoder_projects_each_item_s_features_by_its_modality():
     assert "table" not in TransRec(cfg.model).state_dict() and not any("table" in k for k in encoder.state_dict())
     with pytest.raises(ValueError, match="width 5, the model was built for 6"):
         encoder.load_features(torch.zeros(10, 5), modality)
+
+
+def test_the_mlp_features_head_is_morec_s_dnn_per_modality_and_trains():
+    torch.manual_seed(0)
+    cfg = load_config(CONFIG, ["model.item_encoder=features", "model.features=f", "model.features_width=6",
+                               "model.features_head=mlp"])
+    encoder = TransRec(cfg.model).item_encoder
+    assert [type(layer) for layer in encoder.proj[IMAGE]] == [nn.Linear, nn.GELU, nn.Dropout, nn.Linear]
+    table, modality = torch.randn(10, 6), torch.tensor([0, 1] * 5, dtype=torch.int8)
+    encoder.load_features(table, modality)
+    items = type("Items", (), {"ids": torch.arange(10)})()
+    targets = torch.randn(10, cfg.model.dim)
+    optimizer = torch.optim.Adam(encoder.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(100):
+        loss = nn.functional.mse_loss(encoder(items), targets)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.2 * losses[0]  # each modality's MLP fits its own items
+    encoder.eval()
+    with torch.no_grad():
+        expected = torch.stack([encoder.proj[int(modality[i])](table[i]) for i in range(10)])
+        torch.testing.assert_close(encoder(items), expected)
 
 
 def test_features_commit_into_the_manifest_and_are_checked_like_every_file(tmp_path, data):

@@ -23,20 +23,20 @@ def build_model() -> TransRec:
     return TransRec(model_config(loss="softmax", negatives="inbatch", mask_seen=True))
 
 
-def reference() -> tuple[float, dict[str, torch.Tensor]]:
+def reference(sequences: list) -> tuple[float, dict[str, torch.Tensor]]:
     """One process, one batch of every rank's users: the mean loss over all positions and its gradients."""
     model = build_model()
-    loss = model(make_batch(RANK_SEQUENCES[0] + RANK_SEQUENCES[1], T=6, k=0)).loss
+    loss = model(make_batch([s for rank in sequences for s in rank], T=6, k=0)).loss
     loss.backward()
     return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def rank_worker(rank: int, world: int, port: int, out: str) -> None:
+def rank_worker(rank: int, world: int, port: int, out: str, sequences: list, enabled: bool) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     model = build_model()
-    batch = make_batch(RANK_SEQUENCES[rank], T=6, k=0)
-    shared = share_items(batch, int(model.predicting(batch).sum()))
+    batch = make_batch(sequences[rank], T=6, k=0)
+    shared = share_items(batch, int(model.predicting(batch).sum()), enabled)
     encoded = shared.batch.items.ids.tolist()
     output = model(shared.batch, gather=shared.gather, normalizer=shared.normalizer)
     output.loss.backward()
@@ -48,29 +48,51 @@ def rank_worker(rank: int, world: int, port: int, out: str) -> None:
     losses = [None] * world
     dist.all_gather_object(losses, output.loss.item())
     if rank == 0:
-        torch.save({"loss": sum(losses) / world, "grads": grads, "union": shared.batch.row_ids.tolist()}, out)
+        torch.save({"loss": sum(losses) / world, "grads": grads, "union": shared.batch.row_ids.tolist(),
+                    "positions": shared.positions}, out)
     torch.save({"encoded": encoded}, f"{out}.rank{rank}")
     dist.destroy_process_group()
 
 
-def test_two_ranks_train_as_one_process_encoding_the_union(tmp_path):
+def two_ranks(tmp_path, sequences: list, enabled: bool = True) -> tuple[dict, list[list[int]]]:
+    """(rank 0's record, the items each rank encoded) of one step of two ranks on `sequences` [rank][user]."""
     from transrec.network import free_port
 
     out = str(tmp_path / "ranks.pt")
-    mp.spawn(rank_worker, args=(2, free_port(), out), nprocs=2)
-    ranks = torch.load(out)
-    loss, grads = reference()
+    mp.spawn(rank_worker, args=(2, free_port(), out, sequences, enabled), nprocs=2)
+    return torch.load(out), [torch.load(f"{out}.rank{r}")["encoded"] for r in range(2)]
+
+
+def assert_trains_as(ranks: dict, sequences: list) -> None:
+    """The ranks' mean loss and averaged gradients are those of one process on every rank's users at once."""
+    loss, grads = reference(sequences)
     assert ranks["loss"] == pytest.approx(loss, rel=1e-5)
     assert grads.keys() == ranks["grads"].keys()
     for name, grad in grads.items():
         torch.testing.assert_close(ranks["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_two_ranks_train_as_one_process_encoding_the_union(tmp_path):
+    ranks, encoded = two_ranks(tmp_path, RANK_SEQUENCES)
+    assert_trains_as(ranks, RANK_SEQUENCES)
     union = sorted({i for sequences in RANK_SEQUENCES for s in sequences for i in s})
     assert ranks["union"] == union
-    encoded = [torch.load(f"{out}.rank{r}")["encoded"] for r in range(2)]
     assert sorted(encoded[0] + encoded[1]) == union  # every item once, by one rank
     assert abs(len(encoded[0]) - len(encoded[1])) <= 1  # and the work split evenly
     for r, ids in enumerate(encoded):  # each rank encodes only items its own batch holds (their content is there)
         assert set(ids) <= {i for s in RANK_SEQUENCES[r] for i in s}
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_a_rank_with_an_empty_batch_adds_nothing_and_dilutes_nothing(tmp_path, enabled):
+    """Rank 1's samples were all bad: it steps with the others (the collectives), with an empty batch. The step
+    is rank 0's batch alone, as one process would train it: the loss is normalized by the global positions,
+    so the average over two ranks is not halved, whether the ranks share their items or not."""
+    sequences = [RANK_SEQUENCES[0], []]
+    ranks, encoded = two_ranks(tmp_path, sequences, enabled)
+    assert_trains_as(ranks, sequences)
+    assert ranks["positions"] == sum(len(s) - 1 for s in RANK_SEQUENCES[0])
+    assert encoded[1] == []
 
 
 def test_owners_hold_their_items_and_balance():

@@ -9,26 +9,31 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ML100K, TINY
+from conftest import ML100K, TINY, flip_last_byte
 from transrec.writers import movielens as movielens_module
 from transrec.batch import IMAGE, TEXT
 from transrec.dataloading.loader import _ShardedSequences
 from transrec.dataloading.dataset_format import (
-    SPLIT_RULE, USERS_PER_SAMPLE, DataError, load_tokenizer, pack_sequences, unpack_sequences,
+    SPLIT_RULE, USERS_PER_SAMPLE, DataError, DatasetFileError, load_tokenizer, pack_sequences, unpack_sequences,
 )
+from transrec.dataloading.item_store import ItemStore
 from transrec.fileio import sha256_file
 from transrec.writers.movielens import prepare_movielens
 from transrec.writers.synthetic import TOPIC_WORDS, make_world, prepare_synthetic
 
 ITEM_HEADER = "item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq\n"
 INTER_HEADER = "user_id:token\titem_id:token\trating:float\ttimestamp:float\n"
+USER_HEADER = "user_id:token\tage:token\tgender:token\toccupation:token\tzip_code:token\n"
 ITEMS = ["1\tAlpha\t1990\tDrama", "2\tBeta\t1991\tComedy", "3\tGamma\t\tAction Drama", "4\tDelta\t1993\tHorror"]
 
 
-def write_source(root: Path, interactions: list[str], items: list[str] = ITEMS) -> Path:
+def write_source(root: Path, interactions: list[str], items: list[str] = ITEMS, users: list[str] | None = None
+                 ) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     (root / "toy.item").write_text(ITEM_HEADER + "\n".join(items) + "\n")
     (root / "toy.inter").write_text(INTER_HEADER + "\n".join(interactions) + "\n")
+    if users is not None:
+        (root / "toy.user").write_text(USER_HEADER + "\n".join(users) + "\n")
     return root
 
 
@@ -111,17 +116,19 @@ def test_domains_a_and_b_share_no_user_and_no_item(tmp_path):
     # user u watches all 8 items in its own order, so a domain's sequence tells which user it is
     orders = {u: np.random.default_rng(u).permutation(np.arange(1, 9)) for u in range(1, 7)}
     rows = [f"{u}\t{item}\t4\t{t}" for u, order in orders.items() for t, item in enumerate(order)]
-    src = write_source(tmp_path / "src", rows, items)
+    src = write_source(tmp_path / "src", rows, items, users=[f"{u}\t30\tF\tjob{u}\t0" for u in orders])
     seen: dict[str, tuple[set, set]] = {}
     for domain in ("a", "b"):
         manifest = prepare_movielens(src, tmp_path / domain, domain=domain)
         assert manifest["domain"] == domain and manifest["num_items"] == 4 and manifest["num_users"] == 3
         ids = [item["source_id"] for item in read_items(tmp_path / domain)]
+        occupation = ItemStore(tmp_path / domain).user_attribute("occupation")
         users = set()
-        for seq in sequences(tmp_path / domain, "eval"):
+        for user, seq in enumerate(sequences(tmp_path / domain, "eval")):
             watched = [ids[i] for i in seq]
             owner = [u for u, order in orders.items() if [str(i) for i in order if str(i) in ids] == watched]
             assert len(owner) == 1  # the user's own items of this domain, in the user's own order
+            assert occupation.classes[occupation.codes[user]] == f"job{owner[0]}"  # and its own attributes
             users.add(owner[0])
         seen[domain] = users, set(ids)
     assert not seen["a"][0] & seen["b"][0] and not seen["a"][1] & seen["b"][1]
@@ -187,12 +194,32 @@ def test_bad_item_row_raises(tmp_path):
 def test_skip_bad_rows_counts_them(tmp_path):
     src = write_source(tmp_path / "src", [
         "7\t1\t5\t1", "7\t2\t5\t2", "7\t3\t5\tsoon", "7\t9\t5\t4", "7\t4\t5\t5", "7\t3", "8\t1\t5\t1", "8\t2\t5\t2",
-    ], items=ITEMS + ["1\tDuplicate\t1999\tDrama"])
+    ], items=ITEMS + ["1\tDuplicate\t1999\tDrama"], users=["7\t24\tF\twriter\t1", "8\tadult\tM\tartist\t2"])
     manifest = prepare_movielens(src, tmp_path / "out", skip_bad_rows=True)
     assert manifest["skipped"] == {"malformed_item_rows": 0, "duplicate_item_rows": 1, "malformed_interaction_rows": 2,
-                                   "unknown_item_interactions": 1, "short_users": 1}
+                                   "unknown_item_interactions": 1, "malformed_user_rows": 1, "short_users": 1}
     assert (manifest["num_users"], manifest["num_interactions"], manifest["num_items"]) == (1, 3, 4)
     assert [list(s) for s in sequences(tmp_path / "out", "eval")] == [[0, 1, 3]]
+
+
+def test_user_attributes_are_kept_per_written_user_and_checked_by_the_manifest(tmp_path):
+    # users by first appearance: 8 (45, M, doctor), 6 (too short: not written), 7 (24, F, writer), 9 (no row in
+    # the user file: unknown); 10 has a row and no interaction
+    interactions = [f"{u}\t{i}\t5\t{i}" for i in (1, 2, 3) for u in (8, 6, 7, 9) if (u, i) != (6, 3)]
+    src = write_source(tmp_path / "src", interactions,
+                       users=["7\t24\tF\twriter\t1", "6\t30\tM\tartist\t2", "8\t45\tM\tdoctor\t3",
+                              "10\t35\tF\tartist\t4"])
+    manifest = prepare_movielens(src, tmp_path / "out")
+    assert manifest["num_users"] == 3 and "toy.user" in manifest["sources"]
+    store = ItemStore(tmp_path / "out")
+    expected = {"gender": (["F", "M"], [1, 0, -1]), "age": (["<25", "25-34", "35-44", "45+"], [3, 0, -1]),
+                "occupation": (["doctor", "writer"], [0, 1, -1])}
+    for name, (classes, codes) in expected.items():
+        attribute = store.user_attribute(name)
+        assert (attribute.classes, attribute.codes.tolist()) == (classes, codes)
+    flip_last_byte(tmp_path / "out" / "users" / "attributes.json")
+    with pytest.raises(DatasetFileError, match="users/attributes.json: sha256 differs from the manifest"):
+        ItemStore(tmp_path / "out")
 
 
 def test_failure_leaves_nothing_and_existing_dir_is_kept(tmp_path, monkeypatch):
@@ -215,7 +242,7 @@ def test_failure_leaves_nothing_and_existing_dir_is_kept(tmp_path, monkeypatch):
     assert json.loads((out / "manifest.json").read_text()) == first
     monkeypatch.undo()
     second = prepare_movielens(src, out, image_fraction=1.0, overwrite=True)
-    assert second["modality_counts"] == {"text": 0, "image": 4}
+    assert second["modality_counts"] == {"text": 0, "image": 4, "video": 0}
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["out"]
 
 
@@ -246,7 +273,7 @@ def test_synthetic_is_deterministic_and_seeds_are_domains(tiny_dataset, tmp_path
     assert again["files"] == first["files"]
     assert other["files"]["items/items.jsonl"] != first["files"]["items/items.jsonl"]
     assert other["files"]["train/shard.00000.mds"] != first["files"]["train/shard.00000.mds"]
-    assert first["num_users"] == TINY["users"] and first["modality_counts"] == {"text": 40, "image": 40}
+    assert first["num_users"] == TINY["users"] and first["modality_counts"] == {"text": 40, "image": 40, "video": 0}
     lengths = [len(s) for s in sequences(tiny_dataset, "eval")]
     assert min(lengths) >= TINY["min_len"] and max(lengths) <= TINY["max_len"]
     assert all(len(set(s)) == len(s) for s in sequences(tiny_dataset, "eval"))

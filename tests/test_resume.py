@@ -1,87 +1,35 @@
-"""Exact resume on the real stack (2 torchrun ranks x DeepSpeed ZeRO-2/3 on gloo, dropout on), resume on fewer
-ranks, and ZeRO-3 with gradient-checkpointed towers over frozen lower blocks.
+"""Exact resume on the real stack (2 torchrun ranks x DeepSpeed ZeRO-1/2/3 on gloo, dropout on), resume on fewer
+and on more ranks, ZeRO-3 with gradient-checkpointed towers over frozen lower blocks, the optimizer offloaded.
 
-48 users in batches of 8 on 2 ranks: 3 steps per epoch, 2 epochs. A run stopped at step 4 (one step into the
-second epoch, so mid-epoch) and resumed must retrace the uninterrupted run bit for bit.
+48 users in batches of 8 on 2 ranks: 3 steps per epoch, 2 epochs, a checkpoint every step. A run resumed from its
+checkpoint of step 4 (one step into the second epoch, so mid-epoch; `resumable_copy`) must retrace the
+uninterrupted run bit for bit.
 """
 from __future__ import annotations
 
-import json
-import shutil
-from pathlib import Path
+import os
 
 import pytest
 import torch
 
+from tests.conftest import LAUNCH_STEPS as STEPS
+from tests.launched import global_batches, losses, resumable_copy
 from transrec.dataloading.dataset_format import USERS_PER_SAMPLE
-from transrec.trainer.audit import read_audit
 from transrec.trainer.checkpoint import consolidated_state_dict
 from transrec.trainer.checkpoint_store import CheckpointStore
-from transrec.trainer.torchrun_entry import launch
 
-CONFIG = "tiny"
-STOP, STEPS = 4, 6
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    from transrec.writers.synthetic import prepare_synthetic
-
-    out = tmp_path_factory.mktemp("data") / "syn"
-    prepare_synthetic(out, users=48, items=40)
-    return out
+STOP = 4
+PLAIN = ("train.precision=fp32", "model.negatives=inbatch", "model.sampled_negatives=16")
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory, dataset):
-    """train(name, stage, *overrides, nproc=2, resume=False) -> the run directory, cached per argument list."""
-    output_dir = tmp_path_factory.mktemp("runs")
-    done: dict[tuple, Path] = {}
-
-    def train(name: str, stage: int, *overrides: str, nproc: int = 2, resume: bool = False) -> Path:
-        key = (name, stage, overrides, nproc, resume)
-        if key not in done:
-            sets = [f"name={name}", f"output_dir={output_dir}", f"data.path={dataset}", "train.epochs=2",
-                    "train.log_every=1", "train.log_sample_ids=true", f"train.zero_stage={stage}", *overrides]
-            result = launch(nproc, CONFIG, sets, resume)
-            assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-            done[key] = output_dir / name
-        return done[key]
-
-    return train
-
-
-def losses(run: Path) -> list[tuple[int, float, float]]:
-    """(step, loss, lr) of every train record of metrics.jsonl, in order."""
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r["loss"], r["lr"]) for r in records if r["kind"] == "train"]
-
-
-def global_batches(run: Path) -> dict[int, list[int]]:
-    """Per step, the sample ids all ranks trained on (sorted)."""
-    batches: dict[int, list[int]] = {}
-    for path in (run / "samples").glob("rank*.jsonl"):
-        for record in read_audit(path):
-            if "ids" in record:
-                batches.setdefault(record["step"], []).extend(record["ids"])
-    return {step: sorted(ids) for step, ids in sorted(batches.items())}
-
-
-def stopped_copy(runs, stage: int, name: str, *overrides: str) -> str:
-    """A fresh copy of the run stopped at step STOP, to resume under another name."""
-    stopped = runs(f"stop{stage}{'-'.join(overrides)}", stage, *overrides, f"train.max_steps={STOP}")
-    shutil.copytree(stopped, stopped.parent / name)
-    return name
-
-
-@pytest.mark.parametrize(("stage", "precision", "negatives"), [(2, "fp32", "inbatch"), (3, "fp32", "inbatch"),
-                                                                (2, "bf16", "bank")])
+@pytest.mark.parametrize(("stage", "precision", "negatives"), [(1, "fp32", "inbatch"), (2, "fp32", "inbatch"),
+                                                                (3, "fp32", "inbatch"), (2, "bf16", "bank")])
 def test_resume_mid_epoch_is_bit_identical(runs, stage, precision, negatives):
     """bf16 too: DeepSpeed keeps fp32 master weights, saved in the checkpoint, and recasts the bf16 ones. The
     item-vector bank (negatives of every item encoded so far, 16 drawn per step) is checkpointed too."""
     overrides = (f"train.precision={precision}", f"model.negatives={negatives}", "model.sampled_negatives=16")
     reference = runs(f"ref{stage}{precision}{negatives}", stage, *overrides)
-    name = stopped_copy(runs, stage, f"resumed{stage}{precision}{negatives}", *overrides)
+    name = resumable_copy(reference, STOP, f"resumed{stage}{precision}{negatives}")
     tag = reference.parent / name / "checkpoints" / f"step{STOP}"
     state = torch.load(tag / "rank0_state.pt", weights_only=True)
     # 1 of the epoch's 3 steps done: 16 sequences, in train samples of USERS_PER_SAMPLE
@@ -107,10 +55,9 @@ def test_resume_on_fewer_ranks_continues_at_the_right_sample(runs, stage):
     universal checkpoint: the rest of the epoch is every sample not yet seen, once, in the global batches of
     the 2-rank run, and the LR schedule goes on unchanged. The losses are not bitwise those of the 2-rank
     run: one mean over 16 sequences is not the mean of two means over 8, and rank 1's dropout stream is gone."""
-    overrides = ("train.precision=fp32", "model.negatives=inbatch", "model.sampled_negatives=16")
-    reference = runs(f"ref{stage}fp32inbatch", stage, *overrides)
-    name = stopped_copy(runs, stage, f"fewer{stage}", *overrides)
-    resumed = runs(name, stage, *overrides, "train.batch_size=16", nproc=1, resume=True)
+    reference = runs(f"ref{stage}fp32inbatch", stage, *PLAIN)
+    resumed = runs(resumable_copy(reference, STOP, f"fewer{stage}"), stage, *PLAIN, "train.batch_size=16", nproc=1,
+                   resume=True)
 
     assert (resumed / "checkpoints" / f"step{STOP}" / "universal").is_dir()
     batches = global_batches(resumed)
@@ -121,26 +68,84 @@ def test_resume_on_fewer_ranks_continues_at_the_right_sample(runs, stage):
     assert [step for step, _, _ in losses(resumed)] == list(range(1, STEPS + 1))
 
 
-def test_zero3_gradient_checkpointing_over_frozen_blocks_matches(runs):
-    """ZeRO-3 + non-reentrant checkpointing of both towers, whose lower blocks are frozen (tiny.yaml:
-    trainable_blocks 1 of 2): trains, and gives exactly the losses of the run without checkpointing."""
-    overrides = ("train.precision=fp32", "model.negatives=inbatch", "model.sampled_negatives=16")
-    plain = runs("ref3fp32inbatch", 3, *overrides)
-    checkpointed = runs("gc3", 3, *overrides, "model.gradient_checkpointing=true", "train.max_steps=3")
-    assert losses(checkpointed) == losses(plain)[:3]
+def test_resume_on_more_ranks_consumes_every_sample_once(runs):
+    """1 rank x 16 stopped at step 4 (mid-epoch), resumed on 2 ranks x 8 through the universal checkpoint: over
+    the two runs, by the sample audit, every sample of each epoch was trained once, in the global batches of a
+    2-rank run that never stopped, on its LR schedule."""
+    reference = runs("ref2fp32inbatch", 2, *PLAIN)
+    one_rank = runs("one-rank", 2, *PLAIN, "train.batch_size=16", f"train.max_steps={STOP}", nproc=1)
+    resumed = runs(resumable_copy(one_rank, STOP, "more"), 2, *PLAIN, resume=True)
+
+    assert (resumed / "checkpoints" / f"step{STOP}" / "universal").is_dir()
+    batches = global_batches(resumed)  # steps 1-4: the one rank's, 5-6: both ranks'
+    assert batches == global_batches(reference)
+    for epoch in ((1, 2, 3), (4, 5, 6)):
+        assert sorted(i for step in epoch for i in batches[step]) == list(range(48))
+    assert [lr for _, _, lr in losses(resumed)] == [lr for _, _, lr in losses(reference)]
+
+
+@pytest.fixture(scope="module")
+def one_rank_group():
+    """A one-rank process group for in-process trainers, kept for the module: DeepSpeed caches its groups
+    (deepspeed.utils.groups), so a second group in the same process would meet stale ones."""
+    from transrec.network import free_port
+
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(free_port()))
+    yield
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 @pytest.mark.parametrize("stage", [2, 3])
-def test_optimizer_offload_trains_like_the_plain_run_and_resumes_exactly(runs, stage):
-    """`train.offload_optimizer` (DeepSpeed's CPU offload of the optimizer states and step): the same losses as
-    without it, and a run stopped at step STOP resumes to the uninterrupted offloaded run's losses bitwise."""
-    overrides = ("train.precision=fp32", "model.negatives=inbatch", "model.sampled_negatives=16")
-    offload = (*overrides, "train.offload_optimizer=true")
-    offloaded = runs(f"offload{stage}", stage, *offload)
-    reference = runs(f"ref{stage}fp32inbatch", stage, *overrides)
+def test_offloaded_optimizer_state_lives_on_the_cpu(one_rank_group, launch_dataset, tmp_path, monkeypatch, stage):
+    """`train.offload_optimizer`, checked on the optimizer (the losses would match with offload ignored): DeepSpeed's
+    ZeRO optimizer runs offloaded, its fp32 master weights and Adam's moments, after a step, are CPU tensors,
+    while on a GPU the model's weights are not."""
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    from transrec.config import load_config
+    from transrec.trainer import loop, run_dir
+
+    monkeypatch.setattr(loop, "matmul_peak", lambda dtype, device: 1e12)  # (a benchmark, of no use here)
+    cfg = run_dir.prepare(load_config("tiny", [f"data.path={launch_dataset}", f"output_dir={tmp_path}",
+                                               "name=offload", f"train.zero_stage={stage}",
+                                               "train.offload_optimizer=true", "train.max_steps=1",
+                                               "eval.every_epochs=0"]), resume=False)
+    trainer = loop.Trainer(cfg)
+    try:
+        assert trainer.fit()["steps"] == 1
+        optimizer = trainer.engine.optimizer
+        if stage == 3:
+            assert isinstance(optimizer, DeepSpeedZeroOptimizer_Stage3) and optimizer.offload_optimizer
+            masters = optimizer.fp32_partitioned_groups_flat
+        else:
+            assert isinstance(optimizer, DeepSpeedZeroOptimizer) and optimizer.cpu_offload
+            masters = optimizer.single_partition_of_fp32_groups
+        moments = [tensor for state in optimizer.optimizer.state.values() for name, tensor in state.items()
+                   if name.startswith("exp_avg")]  # Adam's first and second moments
+        assert masters and moments and all(t.device.type == "cpu" for t in [*masters, *moments])
+        assert all(p.device == trainer.device for p in trainer.model.parameters())
+    finally:
+        trainer.loader.close()
+
+
+def test_zero3_gradient_checkpointing_over_frozen_blocks_matches(runs):
+    """ZeRO-3 + non-reentrant checkpointing of both towers, whose lower blocks are frozen (tiny.yaml:
+    trainable_blocks 1 of 2): trains, and gives exactly the losses of the run without checkpointing."""
+    plain = runs("ref3fp32inbatch", 3, *PLAIN)
+    checkpointed = runs("gc3", 3, *PLAIN, "model.gradient_checkpointing=true", "train.max_steps=3")
+    assert losses(checkpointed) == losses(plain)[:3]
+
+
+def test_optimizer_offload_trains_like_the_plain_run_and_resumes_exactly(runs):
+    """`train.offload_optimizer` under ZeRO-3 (DeepSpeed's CPU offload of the optimizer states and step): the same
+    losses as without it, and the run resumed at step STOP retraces the uninterrupted offloaded run bitwise."""
+    offload = (*PLAIN, "train.offload_optimizer=true")
+    offloaded = runs("offload3", 3, *offload)
+    reference = runs("ref3fp32inbatch", 3, *PLAIN)
     assert [step for step, _, _ in losses(offloaded)] == list(range(1, STEPS + 1))
     torch.testing.assert_close([loss for _, loss, _ in losses(offloaded)], [loss for _, loss, _ in losses(reference)])
-    stopped = runs(f"offload{stage}-stop", stage, *offload, f"train.max_steps={STOP}")
-    shutil.copytree(stopped, stopped.parent / f"offload{stage}-resumed")
-    resumed = runs(f"offload{stage}-resumed", stage, *offload, resume=True)
+    resumed = runs(resumable_copy(offloaded, STOP, "offload3-resumed"), 3, *offload, resume=True)
     assert losses(resumed) == losses(offloaded)

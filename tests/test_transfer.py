@@ -76,3 +76,37 @@ def test_bad_study_arguments_are_one_line_errors_before_any_run(tiny_dataset, tm
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"init_from: {tmp_path / 'nothing'}/config.json not found" in err, err
     assert not (tmp_path / "study").exists()
+
+
+def test_a_popularity_prior_over_uninformative_scores_ranks_as_popularity(tiny_dataset):
+    """score = user . item + w log p: with every item vector zero, the model's part is 0 and the ranking is the
+    popularity baseline's, whatever the weight; weight 0 leaves the model's metrics as they were."""
+    import torch
+
+    from transrec.config import ModelConfig, load_config
+    from transrec.models import TransRec
+    from transrec.trainer.evaluate import evaluate_model
+
+    num_items = ItemStore(tiny_dataset).num_items
+    model = TransRec(ModelConfig(item_encoder="id", num_items=num_items, dim=8, heads=2, max_seq_len=8))
+    torch.nn.init.zeros_(model.item_encoder.embedding.weight)
+    results = evaluate_model(model, str(tiny_dataset), load_config("tiny"), prior_weights=(0.0, 3.0))
+    assert results["prior3"]["test"] == results["test_popularity"]
+    assert results["prior3"]["valid"] == results["valid_popularity"]
+    assert results["prior0"] == {split: results[split] for split in ("valid", "test")}
+    assert results["test"]["ndcg@10"] != results["test_popularity"]["ndcg@10"]  # all-zero scores rank otherwise
+
+
+def test_the_zero_shot_prior_weight_is_chosen_on_valid(tmp_path):
+    from transrec.launcher.transfer import PRIOR_WEIGHTS, ZERO_SHOT, run_name, write_zero_shot
+
+    def metrics(score):
+        return {"valid": {"ndcg@10": score}, "test": {"ndcg@10": 1 - score}}
+
+    results = {**metrics(0.1), "valid_popularity": {"ndcg@10": 0.2}, "test_popularity": {"ndcg@10": 0.3},
+               **{f"prior{w:g}": metrics(0.5 - abs(w - 2.0) / 100) for w in PRIOR_WEIGHTS}}
+    write_zero_shot(results, tmp_path, 0.5, 1, "ndcg@10")
+    plain, prior = (json.loads((tmp_path / run_name(m, 0.5, 1) / "results.json").read_text()) for m in ZERO_SHOT)
+    assert plain["best"] == {"valid/ndcg@10": 0.1, "test/ndcg@10": 0.9}
+    assert prior["prior_weight"] == 2.0 and prior["best"]["test/ndcg@10"] == 0.5  # test reported, never chosen on
+    assert plain["popularity"] == prior["popularity"] == {"valid": {"ndcg@10": 0.2}, "test": {"ndcg@10": 0.3}}

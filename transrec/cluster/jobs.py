@@ -13,7 +13,9 @@ cluster on this machine, the dataset and the checkpoint storage.
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
+import shlex
 import shutil
 import socket
 import sys
@@ -132,7 +134,8 @@ def submit(config_path: str, overrides: list[str], address: str | None = None, r
             submission_id=f"transrec-{cfg.name}-{secrets.token_hex(4)}",
             runtime_env={"working_dir": str(staging), "py_modules": [package_dir],
                          "excludes": ["__pycache__", "*.pyc"]},
-            metadata={"transrec_run": cfg.name, "config": str(config_path), "overrides": " ".join(overrides)},
+            metadata={"transrec_run": cfg.name, "config": config_argument(config_path),
+                      "overrides": json.dumps(overrides)},
         )
     except (ClusterError, ConfigError):
         raise
@@ -144,15 +147,35 @@ def submit(config_path: str, overrides: list[str], address: str | None = None, r
     return job_id, url, cfg
 
 
-def list_jobs(url: str) -> list[dict]:
+def config_argument(config_path: str | Path) -> str:
+    """--config as a later command can give it again: a file by its absolute path, a preset by its name."""
+    return str(Path(config_path).resolve()) if Path(config_path).is_file() else str(config_path)
+
+
+def resume_command(metadata: dict, cluster_args: list[str]) -> str:
+    """The command that submits a transrec job's run again, to go on from its latest checkpoint, on the cluster
+    that `cluster_args` (--address, --state-dir) name; "" for a job that transrec did not submit."""
+    if "config" not in metadata or "transrec_run" not in metadata:
+        return ""
+    argv = ["transrec", "submit", "--config", metadata["config"]]
+    for override in json.loads(metadata.get("overrides") or "[]"):
+        argv += ["--set", override]
+    return shlex.join([*argv, "--resume", *cluster_args])
+
+
+def list_jobs(url: str, cluster_args: list[str] = ()) -> list[dict]:
+    """The cluster's submitted jobs, oldest first; one that FAILED or was STOPPED comes with the command that
+    resumes it (`resume_command`)."""
     rows = []
     for job in client(url).list_jobs():
         if job.type is not None and str(job.type).upper().endswith("DRIVER"):
             continue  # drivers that connected directly (ray.init), not submitted jobs
-        rows.append({"job_id": job.submission_id, "status": str(job.status.value if hasattr(job.status, "value")
-                                                                     else job.status),
-                     "run": (job.metadata or {}).get("transrec_run", ""), "start_time": job.start_time,
-                     "end_time": job.end_time, "entrypoint": job.entrypoint, "message": job.message or ""})
+        status = str(job.status.value if hasattr(job.status, "value") else job.status)
+        metadata = job.metadata or {}
+        rows.append({"job_id": job.submission_id, "status": status, "run": metadata.get("transrec_run", ""),
+                     "start_time": job.start_time, "end_time": job.end_time, "entrypoint": job.entrypoint,
+                     "message": job.message or "",
+                     "resume": resume_command(metadata, list(cluster_args)) if status in ("FAILED", "STOPPED") else ""})
     return sorted(rows, key=lambda r: r["start_time"] or 0)
 
 

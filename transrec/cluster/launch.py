@@ -2,8 +2,9 @@
 
 Each Ray Train worker is one DeepSpeed rank running `transrec.trainer.loop.train`. When a worker dies,
 Ray Train restarts the group (up to `cluster.max_failures` times) and the loop resumes from the run's
-latest complete checkpoint by itself. The workers' output goes to `runs/NAME/logs/rankN.log`; rank 0's
-progress reaches the driver's console through a queue (trainer/console.py), all of it with `--verbose`.
+latest complete checkpoint by itself; an error in the data stops the run instead (`StopOnDataError`). The
+workers' output goes to `runs/NAME/logs/rankN.log`; rank 0's progress reaches the driver's console through a
+queue (trainer/console.py), all of it with `--verbose`.
 """
 from __future__ import annotations
 
@@ -12,8 +13,12 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Iterable
+
+from ray.train import UserCallback
 
 from transrec.config import ClusterConfig, Config, from_dict
+from transrec.dataloading.dataset_format import DataError, DatasetFileError
 from transrec.trainer.console import (VERBOSE_ENV, Console, QueueConsole, forward_warnings, relay, send_output_to,
                                       verbose)
 
@@ -23,7 +28,8 @@ def worker_env() -> dict[str, str]:
     two different ninja binaries invalidate DeepSpeed's JIT extension cache)."""
     env = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    for name in (VERBOSE_ENV, "DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR", "TMPDIR", "MALLOC_MMAP_THRESHOLD_",
+    # (not TMPDIR: the workers keep their node's, which is short enough for the unix sockets opened under it)
+    for name in (VERBOSE_ENV, "DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR", "MALLOC_MMAP_THRESHOLD_",
                  "ONEDNN_PRIMITIVE_CACHE_CAPACITY"):
         if name in os.environ:
             env[name] = os.environ[name]
@@ -32,8 +38,8 @@ def worker_env() -> dict[str, str]:
 
 def connect(cluster: ClusterConfig) -> None:
     """Joins a cluster: `cluster.address`; else, inside a Ray job, the job's cluster (RAY_ADDRESS); else the
-    embedded cluster of `transrec cluster up` when it runs; else starts an in-process single-node cluster
-    that listens on loopback only."""
+    embedded cluster of `transrec cluster up` when it runs; else starts an embedded cluster of this process's
+    own (loopback only, every port free), stopped when this process ends, however it ends."""
     import ray
 
     if ray.is_initialized():
@@ -48,19 +54,32 @@ def connect(cluster: ClusterConfig) -> None:
     if job_address and "://" not in job_address:  # a job's driver: Ray names the cluster it runs on
         ray.init(runtime_env=runtime_env, **quiet)
         return
-    from transrec.cluster.embedded import cluster_pids, read_state
+    from transrec.cluster.embedded import cluster_pids, read_state, up_for_this_process
 
     state = read_state()
     if state is not None and cluster_pids(state.cluster_id):
         print(f"transrec: joining the embedded cluster at {state.gcs_address}", file=sys.stderr)
-        ray.init(address=state.gcs_address, runtime_env=runtime_env, **quiet)
-        return
-    needed = cluster.num_workers * cluster.cpus_per_worker
-    # on loopback only, as the embedded cluster: no token to hand out (and no warning that there is none)
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    # the dashboard serves Ray's state API, which Ray Train's placement-group cleaner polls
-    ray.init(num_cpus=max(os.cpu_count() or 1, needed), include_dashboard=True, dashboard_host="127.0.0.1",
-             runtime_env=runtime_env, **quiet)
+    else:  # one of its own, as `cluster up` starts one (ray.init's own would take Ray's fixed ports), gone with it
+        state = up_for_this_process(num_cpus=max(os.cpu_count() or 1, cluster.num_workers * cluster.cpus_per_worker))
+    ray.init(address=state.gcs_address, runtime_env=runtime_env, **quiet)
+
+
+DATA_ERRORS = (DataError, DatasetFileError)  # wrong data: a restart would fail again, the same way
+
+
+def first_data_error(errors: Iterable[BaseException | None]) -> BaseException | None:
+    return next((error for error in errors if isinstance(error, DATA_ERRORS)), None)
+
+
+class StopOnDataError(UserCallback):
+    """Ray Train restarts a failed worker group whatever failed in it (`FailureConfig.max_failures`). A worker's
+    data error, raised again here in Ray Train's controller, becomes a controller error, which its failure
+    policy does not retry: the run stops, with that error."""
+
+    def after_exception(self, run_context, worker_exceptions: dict[int, Exception]) -> None:
+        error = first_data_error(worker_exceptions.values())
+        if error is not None:
+            raise error
 
 
 def _worker_main(loop_config: dict) -> None:
@@ -92,7 +111,7 @@ def prepare_and_train(cfg: Config, resume: bool) -> dict:
 def train_on_cluster(cfg: Config) -> dict:
     """Runs the training job of `cfg` (already prepared by `trainer.run_dir.prepare`) and returns its summary.
     The scaling config is checked against the cluster's live nodes before any worker starts."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.util.queue import Queue
 
@@ -114,12 +133,18 @@ def train_on_cluster(cfg: Config) -> dict:
                                      placement_strategy=placement),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(name="ray", storage_path=str(cfg.run_dir),
-                             failure_config=FailureConfig(max_failures=cfg.cluster.max_failures)),
+                             failure_config=FailureConfig(max_failures=cfg.cluster.max_failures),
+                             callbacks=[StopOnDataError()]),
     )
-    result = relay(trainer.fit, console, Console())
-    if result.error is not None:
+    try:
+        relay(trainer.fit, console, Console())
+    except TrainingFailedError as err:
+        causes = [getattr(err, "controller_failure", None), *getattr(err, "worker_failures", {}).values()]
+        data_error = first_data_error(causes)
+        if data_error is not None:  # its message names the file and the record
+            raise data_error from None
         raise RuntimeError(f"training run {cfg.name} failed (its workers' logs: {cfg.run_dir / 'logs'}): "
-                           f"{result.error}")
+                           f"{err}") from None
     summary = summaries.get(timeout=60)
     (cfg.run_dir / "results.json").write_text(json.dumps(summary, indent=2))  # rank 0's went to its own node
     return summary

@@ -2,13 +2,15 @@
 
 - `dataset_format`: the format (described there), its manifest, errors, tokenizer and packed train samples;
   importable without streaming (the CLI's).
-- `item_store.ItemStore`: the item table (tokens, modality, popularity memory-mapped; JPEG bytes read with pread).
+- `item_store.ItemStore`: the item table (tokens, modality, popularity memory-mapped; JPEGs and clips read with pread).
 - `images.ImageDecoder`: JPEG bytes -> normalized image tensors (DALI or PIL).
+- `videos.VideoDecoder`: clips (WebM bytes) -> K sampled frames each, normalized (DALI or PyAV).
+- `decoding`: what the two share (a DALI pipeline fed batches of any size, blanking what does not decode).
 - `collate`: sequences -> `batch.Batch` / `batch.EvalBatch`.
 - `loader.TrainLoader`, `loader.EvalLoader`: what the trainer iterates.
 
 The names below are importable from this package; their modules load on first use, so that importing
-`transrec.batch` (as the models do) stays cheap: no streaming, transformers or DALI.
+`transrec.batch` (as the models do) stays cheap: no streaming, transformers, DALI or PyAV.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ _EXPORTS = {
     "load_tokenizer": "dataset_format", "read_manifest": "dataset_format",
     "ItemStore": "item_store",
     "ImageDecoder": "images", "ImageDecodeError": "images",
+    "VideoDecoder": "videos", "VideoDecodeError": "videos",
     "collate_train": "collate", "collate_eval": "collate",
     "TrainLoader": "loader", "EvalLoader": "loader",
 }

@@ -5,20 +5,21 @@ Before training (TrainLoader's constructor):
   is, with "skip", left out: its samples are skipped unread. Any other file (the item table, an index.json,
   a missing shard) stops training with either policy: it cannot be skipped record by record.
 - every item as the model will read it (`ItemStore.route`): an empty title for the text tower, no image
-  bytes or bytes that are not a JPEG for the image tower. With "skip", a sample that holds such an item
-  is skipped and negatives are never drawn from them.
+  bytes or bytes that are not a JPEG for the image tower, no clip or bytes that are not a WebM file for the
+  video tower. With "skip", a sample that holds such an item is skipped and negatives are never drawn from them.
 - with "stop" only, every train sequence of a local dataset: an item id outside the catalogue, or fewer
   than MIN_TRAIN_ITEMS items (nothing to predict), and every train sample that does not decode.
 With "stop", anything found stops here, before the first step, with a DataError listing what was found.
 
 While training, with either policy (the pre-flight check cannot see everything: a remote dataset's
-shards, a JPEG whose body is corrupt), nothing raises because of one record: a train sample (a block of
+shards, a JPEG or clip whose body is corrupt), nothing raises because of one record: a train sample (a block of
 sequences, dataset_format.py) that cannot be read or lies in a bad shard is dropped from its batch (one record for
 the sample); a sequence that holds an unknown or bad item or is too short is dropped (one record for it); an
-image that neither the decoder nor PIL can decode is replaced by a blank one (zeros, the normalized mean). Each is a
+image that neither the decoder nor PIL can decode, or a clip that neither it nor PyAV can (a truncated clip whose
+sampled frames lie past its end), is replaced by a blank one (zeros, the normalized mean). Each is a
 BadRecord naming its file and record, logged (the first MAX_LOGGED of each kind per epoch) and counted in
-TrainLoader.skipped. Evaluation encodes every item, bad ones too: an image that does not decode is logged
-and shown blank (ItemStore.item_batch).
+TrainLoader.skipped. Evaluation encodes every item, bad ones too: an image or clip that does not decode is
+logged and shown blank (ItemStore.item_batch).
 """
 from __future__ import annotations
 
@@ -28,19 +29,28 @@ from pathlib import Path
 
 import numpy as np
 
-from transrec.dataloading.item_store import ItemStore, log
-from transrec.dataloading.dataset_format import DataError
+from transrec.batch import IMAGE, VIDEO
+from transrec.dataloading.item_store import CONTENT, ItemStore, log
+from transrec.dataloading.dataset_format import CLIP_START, DataError
 from transrec.dataloading.dataset_format import load_tokenizer
 
 MIN_TRAIN_ITEMS = 2  # a sample trains on (history, next item) pairs: it needs two items
 MAX_LOGGED = 5  # records logged per kind per epoch; the rest are only counted
 MAX_LISTED = 20  # records listed in a stop's message
 # What TrainLoader.skipped counts: samples ("bad_shard", "unreadable") or sequences (the others) dropped, by
-# reason, but "blank_image" (images replaced) and "empty_batch" (batches whose every sequence was bad,
-# replaced by the previous batch).
+# reason, but "blank_image" and "blank_clip" (images and clips replaced) and "empty_batch" (batches whose every
+# sequence was bad, handed out empty: trainer/loop.py steps on the other ranks' batches, or not at all).
 KINDS = ("bad_shard", "unreadable", "unknown_item", "too_short", "empty_title", "missing_image", "not_a_jpeg",
-         "blank_image", "empty_batch")
+         "missing_video", "not_a_clip", "blank_image", "blank_clip", "empty_batch")
 JPEG_START = (0xFF, 0xD8)
+BLANKED = {IMAGE: "blank_image", VIDEO: "blank_clip"}  # the kind of a decoded item shown blank, by modality
+# per content modality: the kind and problem of no bytes, those of bytes that do not start as they must, and how
+UNUSABLE = {
+    IMAGE: ("missing_image", "an image item with no image", "not_a_jpeg",
+            "its image bytes do not start like a JPEG (FF D8)", JPEG_START),
+    VIDEO: ("missing_video", "a video item with no clip", "not_a_clip",
+            "its clip does not start like a WebM file (1A 45 DF A3)", CLIP_START),
+}
 
 
 @dataclass(frozen=True)
@@ -73,22 +83,26 @@ NO_BAD_ITEMS = BadItems(np.zeros(0, np.int64), np.zeros(0, str))
 
 
 def find_bad_items(store: ItemStore, mode: str) -> tuple[BadItems, list[BadRecord]]:
-    """Items whose routed content is unusable: empty title (text route), no image or not a JPEG (image route)."""
+    """Items whose routed content is unusable: empty title (text route), no image or not a JPEG (image route), no
+    clip or not a WebM file (video route)."""
     ids = np.arange(store.num_items)
-    text_rows, image_rows = store.route(ids, mode)
+    text_rows, image_rows, video_rows = store.route(ids, mode)
     found: dict[str, np.ndarray] = {}
+    files = {"empty_title": "items/tokens.npy"}
+    problems = {"empty_title": "empty title (its text has no token)"}
     if len(text_rows):
         empty_length = len(load_tokenizer(str(store.root / "tokenizer"))("")["input_ids"])  # special tokens only
         found["empty_title"] = text_rows[store.token_lengths[text_rows] <= empty_length]
-    if len(image_rows):
-        _, sizes = store.image_spans(image_rows)
-        found["missing_image"] = image_rows[sizes == 0]
-        present = image_rows[sizes >= 2]
-        found["not_a_jpeg"] = present[(store.image_heads(present) != JPEG_START).any(1)]
-    files = {"empty_title": "items/tokens.npy", "missing_image": "items/image_offsets.npy",
-             "not_a_jpeg": "items/images.bin"}
-    problems = {"empty_title": "empty title (its text has no token)", "missing_image": "an image item with no image",
-                "not_a_jpeg": "its image bytes do not start like a JPEG (FF D8)"}
+    for modality, rows in ((IMAGE, image_rows), (VIDEO, video_rows)):
+        missing, no_bytes, malformed, bad_start, start = UNUSABLE[modality]
+        offsets, file = CONTENT[modality]
+        files.update({missing: f"items/{offsets}.npy", malformed: f"items/{file}"})
+        problems.update({missing: no_bytes, malformed: bad_start})
+        if len(rows):
+            _, sizes = store.content_spans(rows, modality)
+            found[missing] = rows[sizes == 0]
+            present = rows[sizes >= len(start)]
+            found[malformed] = present[(store.content_heads(present, modality, len(start)) != start).any(1)]
     records = [BadRecord(kind, str(store.root / files[kind]), f"item {i}", problems[kind])
                for kind, items in found.items() for i in items]
     if not records:

@@ -33,14 +33,15 @@ from torch.utils.data import DataLoader
 
 from transrec.config import DataConfig
 from transrec.dataloading.bad_data import (
-    NO_BAD_ITEMS, BadRecord, BadRecordLog, check_sample, find_bad_items, log, stop,
+    BLANKED, NO_BAD_ITEMS, BadRecord, BadRecordLog, check_sample, find_bad_items, log, stop,
 )
 from transrec.batch import Batch, EvalBatch
 from transrec.dataloading.collate import HELD_OUT, TrainCollator, collate_eval
-from transrec.dataloading.images import ImageDecoder, decode_or_blank
+from transrec.dataloading.images import ImageDecoder
 from transrec.dataloading.dataset_format import MANIFEST, DataError, DatasetFileError
 from transrec.dataloading.dataset_format import read_manifest
 from transrec.dataloading.item_store import ITEM_MODES, ItemStore
+from transrec.dataloading.videos import VideoDecoder
 from transrec.dataloading.dataset_format import MIN_INTERACTIONS, unpack_sequences
 
 STREAMED_SPLIT = "train/"  # a remote dataset's train shards stream; every other file is fetched up front
@@ -136,7 +137,7 @@ class _Failure:
 
 class _Prefetcher:
     """Pulls items from `source` and applies `finish` in a background thread, up to `depth` items ahead,
-    so that image decoding overlaps the model's step. Errors are re-raised in the consumer."""
+    so that image and clip decoding overlaps the model's step. Errors are re-raised in the consumer."""
 
     def __init__(self, source: Iterator, finish: Callable[[Any], Any], depth: int):
         self._source, self._finish = source, finish
@@ -179,7 +180,8 @@ class _Prefetcher:
 
 
 class TrainLoader:
-    """Batches of this rank's part of the train sequences, images decoded ahead of the model.
+    """Batches of this rank's part of the train sequences, images and clips decoded ahead of the model (a clip's
+    frames drawn anew each epoch, from the train seed, the epoch and the item: `videos.sample_frames`).
 
     Call `set_epoch(e)` before iterating epoch e (a different epoch starts from its beginning; the current
     one keeps its position, so after `load_state_dict` iterating yields exactly the rest of that epoch).
@@ -187,19 +189,21 @@ class TrainLoader:
 
     Bad records (see bad_data.py): checked before training, then skipped and counted in `skipped` (this
     epoch's counts by kind, logged at its end); `found` counts what the pre-flight check found. A batch whose
-    every sample is bad is replaced by the previous batch (ranks must step together).
+    every sample is bad is handed out empty, and counted: the ranks step together, and its rank takes part in
+    its step with nothing to learn (trainer/item_sharing.py).
     """
 
     def __init__(self, data_cfg: DataConfig, dataset_dir: str | Path, batch_size: int, max_seq_len: int,
                  num_negatives: int, seed: int, rank: int, world_size: int, decoder: ImageDecoder | None,
                  mode: str = "mom", prefetch_batches: int = 2, verify: str = "full", negatives: str = "inbatch",
-                 sampled_negatives: int = 0, cloze_prob: float = 0.0):
+                 sampled_negatives: int = 0, cloze_prob: float = 0.0, video_decoder: VideoDecoder | None = None):
         if mode not in ITEM_MODES:
             raise ValueError(f"item mode must be one of {ITEM_MODES}, got {mode!r}")
         _use_rank(rank, world_size)
         self.data_cfg, self.max_seq_len = data_cfg, max_seq_len
         self.num_negatives, self.seed, self.world_size = num_negatives, seed, world_size
-        self.decoder, self.mode, self.prefetch_batches = decoder, mode, prefetch_batches
+        self.decoder, self.video_decoder = decoder, video_decoder
+        self.mode, self.prefetch_batches = mode, prefetch_batches
         self.negatives, self.sampled_negatives = negatives, sampled_negatives  # what else a batch holds (collate)
         self.cloze_prob = cloze_prob
         self.policy = data_cfg.on_bad_record
@@ -311,41 +315,27 @@ class TrainLoader:
         # dropout mask. The data side never moves the model's random stream.
         with torch.random.fork_rng(devices=[]):
             started = iter(batches)
-        prefetcher = _Prefetcher(started, self._decode_images, self.prefetch_batches)
-        previous = None
+        prefetcher = _Prefetcher(started, self._decode, self.prefetch_batches)
         try:
             for batch in prefetcher:
                 self._samples_in_epoch += batch.stream_samples * self.world_size
                 for record in batch.skipped:
                     self._bad.add(record)
                 if len(batch.users) == 0:
-                    batch = self._replace_empty(batch, previous)
-                    if batch is None:
-                        continue
-                previous = batch
+                    self._bad.add(BadRecord("empty_batch", str(self.local_dir / "train"),
+                                            f"a batch of epoch {self.epoch}",
+                                            f"all its {len(batch.skipped)} samples were bad; it trains nothing"))
                 yield batch
             if any(self.skipped.values()):
                 log.warning("epoch %d: skipped %s", self.epoch, {k: v for k, v in self.skipped.items() if v})
         finally:
             prefetcher.close()
 
-    def _replace_empty(self, batch: Batch, previous: Batch | None) -> Batch | None:
-        """The batch to hand out instead of one whose every sample was bad: the previous one, as every rank
-        must take a step; None (skip it) on a single rank with no previous batch."""
-        self._bad.add(BadRecord("empty_batch", str(self.local_dir / "train"), f"a batch of epoch {self.epoch}",
-                                f"all its {len(batch.skipped)} samples were bad; the previous batch is repeated"))
-        if previous is None and self.world_size > 1:
-            raise DataError(f"{self.local_dir}: every sample of this rank's first batch is bad "
-                            f"({batch.skipped[0] if batch.skipped else '?'}...); no batch to repeat")
-        return previous
-
-    def _decode_images(self, batch: Batch) -> Batch:
-        if self.decoder is not None:
-            items = batch.items
-            items.images, errors = decode_or_blank(self.decoder, items.jpegs, items.ids[items.image_rows].tolist())
-            images_bin = str(self.local_dir / "items" / "images.bin")
-            batch.skipped += [BadRecord("blank_image", images_bin, f"item {e.item_id}",
-                                        f"{str(e).removeprefix(f'item {e.item_id}: ')}; shown blank") for e in errors]
+    def _decode(self, batch: Batch) -> Batch:
+        problems = self.store.decode(batch.items, self.decoder, self.video_decoder, frame_seed=(self.seed, self.epoch))
+        batch.skipped += [BadRecord(BLANKED[modality], str(self.store.content_file(modality)), f"item {e.item_id}",
+                                    f"{str(e).removeprefix(f'item {e.item_id}: ')}; shown blank")
+                          for modality, e in problems]
         return batch
 
     def close(self) -> None:

@@ -68,11 +68,22 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--overwrite", action="store_true")
         sub.add_argument("--users-per-sample", type=int, default=users_per_sample,
                          help="train sequences per streaming sample; train batch sizes must be multiples of it")
+        sub.add_argument("--video-fraction", type=float, default=0.0,
+                         help="share of items (beyond the image share) shown as a SYNTHETIC clip (VP9 WebM) of their "
+                              "poster panning and zooming")
 
     pretrain = commands.add_parser("pretrain", help="train a model on the cluster")
     add_config_args(pretrain)
-    finetune = commands.add_parser("finetune", help="train an exported model on another data set")
+    finetune = commands.add_parser("finetune", help="train an exported model on another data set, or on a task of "
+                                   "its users")
     finetune.add_argument("--from", dest="init_from", required=True, type=Path, help="directory from `export`")
+    finetune.add_argument("--task", choices=["next-item", "user-attribute"], default="next-item",
+                          help="next-item: recommendation, on the cluster | user-attribute: PeterRec's user transfer, "
+                               "a user attribute predicted from the user's history (runs/NAME/results.json)")
+    finetune.add_argument("--label", default="", help="user-attribute: the data set's user attribute to predict "
+                          "(ml-100k: gender, age, occupation)")
+    finetune.add_argument("--modes", default="", help="user-attribute: the classifiers, a subset of adapters,full,"
+                          "scratch (default: all)")
     add_config_args(finetune)
 
     evaluate = commands.add_parser("evaluate", help="full-ranking HR/NDCG of a run's checkpoint or an export")
@@ -88,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, type=Path)
     export.add_argument("--tag")
     export.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    export.add_argument("--merge-lora", action="store_true",
+                        help="fold the text tower's LoRA adapter into text_encoder/ (default: apart, in text_peft/)")
 
     features = commands.add_parser("features", help="every item through frozen towers, once (Ray Data), into the "
                                    "data set: what model.item_encoder features (two-stage) trains on")
@@ -127,15 +140,16 @@ def command_prepare(args) -> None:
     if args.source == "movielens":
         manifest = prepare_movielens(args.src, args.out, image_fraction=args.image_fraction,
                                      skip_bad_rows=args.skip_bad_rows, overwrite=args.overwrite, domain=args.domain,
-                                     split=args.split,
+                                     split=args.split, video_fraction=args.video_fraction,
                                      users_per_sample=args.users_per_sample)
     else:
         lengths = {"min_len": args.min_len, "max_len": args.max_len, "length_exponent": args.length_exponent}
         manifest = prepare_synthetic(args.out, users=args.users, items=args.items, seed=args.seed,
                                      image_fraction=args.image_fraction, overwrite=args.overwrite,
                                      workers=args.workers, users_per_sample=args.users_per_sample, shift=args.shift,
-                                     **(MICROLENS if args.microlens else lengths))
-    summary = {k: manifest[k] for k in ("num_users", "num_items", "num_interactions", "modality_counts", "skipped")}
+                                     video_fraction=args.video_fraction, **(MICROLENS if args.microlens else lengths))
+    summary = {k: manifest[k] for k in ("num_users", "num_items", "num_interactions", "modality_counts",
+                                        "synthetic_images", "synthetic_videos", "skipped")}
     print(f"wrote {args.out}: {json.dumps(summary)}")
 
 
@@ -156,6 +170,20 @@ def command_evaluate(args) -> None:
     data = args.data or cfg.data.path
     results = evaluate_model(model, data, cfg)
     print(json.dumps({"model": source, "data": data, **results}, indent=2))
+
+
+def command_user_task(args) -> None:
+    from transrec.trainer.user_task import MODES, results_table, run_user_task
+
+    if not args.label:
+        raise ValueError("--task user-attribute needs --label, the user attribute to predict (ml-100k: gender, age, "
+                         "occupation)")
+    if args.resume:
+        raise ValueError("--resume: a user-attribute run keeps no checkpoint; run it again")
+    modes = tuple(mode for mode in args.modes.split(",") if mode) if args.modes else tuple(MODES)
+    cfg = load_config(args.config, [*args.overrides, f"init_from={args.init_from}"])
+    print(results_table(run_user_task(cfg, args.label, modes)))
+    print(f"wrote {cfg.run_dir / 'results.json'}")
 
 
 def command_transfer(args) -> None:
@@ -189,7 +217,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "prepare":
             command_prepare(args)
+        elif args.command == "finetune" and args.task == "user-attribute":
+            command_user_task(args)
         elif args.command in ("pretrain", "finetune"):
+            if args.command == "finetune" and (args.label or args.modes):
+                raise ValueError("--label and --modes go with --task user-attribute")
             overrides = args.overrides + ([f"init_from={args.init_from}"] if args.command == "finetune" else [])
             from transrec.cluster.launch import prepare_and_train
 
@@ -200,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "export":
             from transrec.trainer.export import export
 
-            print(f"exported to {export(args.run, args.out, args.tag, args.dtype)}")
+            print(f"exported to {export(args.run, args.out, args.tag, args.dtype, args.merge_lora)}")
         elif args.command == "features":
             from transrec.cluster.features import compute_features
 

@@ -101,6 +101,10 @@ def _jobs_table(rows: list[dict]) -> str:
     for r in rows:
         lines.append(f"{r['job_id'] or '-':<34} {r['status']:<10} {r['run'] or '-':<16} {_when(r['start_time']):<19} "
                      f"{_when(r['end_time']):<19}")
+        if r["resume"]:  # FAILED or STOPPED: Ray's message says why
+            if r["message"]:
+                lines.append(f"  {r['message']}")
+            lines.append(f"  to resume: {r['resume']}")
     return "\n".join(lines)
 
 
@@ -121,7 +125,9 @@ def run(args: argparse.Namespace) -> int:
             return 0
         url = jobs.resolve_address(args.address, args.state_dir)
         if args.command == "jobs":
-            rows = jobs.list_jobs(url)
+            cluster_args = (["--address", args.address] if args.address  # (the resume commands name it so)
+                            else ["--state-dir", args.state_dir] if args.state_dir else [])
+            rows = jobs.list_jobs(url, cluster_args)
             print(json.dumps(rows, indent=2) if args.json else _jobs_table(rows))
         elif args.command == "logs":
             final = jobs.logs(url, args.job_id, follow=args.follow)

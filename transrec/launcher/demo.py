@@ -2,7 +2,8 @@
 
 Source (seed 0) and target (seed 1) are drawn from one synthetic world (topics shared, users and items
 not). Pretrain on the source, export, then on the target: zero-shot, fine-tuned from the export, and
-trained from scratch, next to the popularity baseline. All images are synthetic.
+trained from scratch, next to the popularity baseline. Items are texts, images and videos; all images and clips
+are synthetic.
 """
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ import shutil
 from pathlib import Path
 
 from transrec.config import load_config
+from transrec.dataloading.dataset_format import MANIFEST
 
-SOURCE = {"users": 1000, "items": 600, "seed": 0}
-TARGET = {"users": 600, "items": 400, "seed": 1}
+SOURCE = {"users": 1000, "items": 600, "seed": 0, "image_fraction": 0.4, "video_fraction": 0.1}
+TARGET = {"users": 600, "items": 400, "seed": 1, "image_fraction": 0.4, "video_fraction": 0.1}
 
 
 def run_demo(workdir: Path, config_path: str) -> dict:
@@ -25,8 +27,8 @@ def run_demo(workdir: Path, config_path: str) -> dict:
 
     data, runs, exports = workdir / "data" / "demo", workdir / "runs", workdir / "exports"
     for name, spec in (("source", SOURCE), ("target", TARGET)):
-        if not (data / name / "manifest.json").exists():
-            prepare_synthetic(data / name, **spec)
+        if not prepared(data / name, spec):
+            prepare_synthetic(data / name, overwrite=True, **spec)
     for run in ("demo-pretrain", "demo-finetune", "demo-scratch"):
         shutil.rmtree(runs / run, ignore_errors=True)
 
@@ -54,6 +56,15 @@ def run_demo(workdir: Path, config_path: str) -> dict:
     return {"rows": summary}
 
 
+def prepared(path: Path, spec: dict) -> bool:
+    """Whether `path` holds the data set of `spec` (one an earlier demo prepared, without videos say, is not)."""
+    if not (path / MANIFEST).exists():
+        return False
+    manifest = json.loads((path / MANIFEST).read_text())
+    found = {**manifest, **manifest.get("params", {})}
+    return all(found.get(key) == value for key, value in spec.items())
+
+
 def test_metrics(summary: dict) -> dict:
     """Test metrics of the checkpoint chosen by valid NDCG@10."""
     return {k.removeprefix("test/"): v for k, v in summary["best"].items() if k.startswith("test/")}
@@ -61,7 +72,7 @@ def test_metrics(summary: dict) -> dict:
 
 def print_table(rows: list[tuple[str, str, dict]]) -> None:
     columns = ["hr@10", "ndcg@10", "hr@20", "ndcg@20"]
-    print("\nTest metrics, full ranking, leave-one-out (synthetic data, synthetic images):")
+    print("\nTest metrics, full ranking, leave-one-out (synthetic data, synthetic images and clips):")
     print(f"{'domain':8} {'model':26} " + " ".join(f"{c:>8}" for c in columns))
     for domain, model, metrics in rows:
         print(f"{domain:8} {model:26} " + " ".join(f"{metrics[c]:8.4f}" for c in columns))

@@ -3,14 +3,18 @@
 Given an export (pretrained on a source) and a target data set that shares no user or item with the source,
 for each share of the target's training users (writers/subsample.py: evaluation always on every user, with
 the same histories) and each seed, it runs on the cluster (the embedded one unless `cluster.address` is set):
-- popularity (the kept users' train counts) and zero-shot (the export as it is): no training;
+- popularity (the kept users' train counts) and zero-shot (the export as it is), no training; and zero-shot with
+  a popularity prior: score = user . item + w log p(item), p from the kept users' train counts, the weight w
+  chosen on the target's valid split (PRIOR_WEIGHTS), since a model trained with the logQ correction scores how
+  much more a user likes an item than its popularity says, and a new platform's popularity is known at once;
 - two-stage: the export's towers frozen, the projections and the user encoder trained;
 - fine-tuned: every weight (`full`), the towers' top blocks (`top-k`), or adapters only;
 - scratch: the config's own architecture and starting weights (MiniLM included), no export;
 each trained run early-stopped on valid NDCG@10 (the config's `train.patience`). It writes OUT/report.md (mean
 ± sd over seeds of test HR@10 and NDCG@10, seconds to the best checkpoint) and OUT/report.png (test NDCG@10
 against the share of users kept), built from the runs' own results files. A run that has its results.json
-is not run again: an interrupted study resumes where it stopped.
+is not run again, and one cut short resumes from its latest checkpoint: an interrupted study goes on where it
+stopped.
 """
 from __future__ import annotations
 
@@ -25,7 +29,9 @@ METHODS: dict[str, tuple[bool, list[str]]] = {  # trained method -> (starts from
     "adapters": (True, ["train.finetune_mode=adapters"]),
     "scratch": (False, []),
 }
-REPORTED = ("popularity", "zero-shot", *METHODS)
+ZERO_SHOT = ("zero-shot", "zero-shot+popularity")  # evaluated, not trained
+REPORTED = ("popularity", *ZERO_SHOT, *METHODS)
+PRIOR_WEIGHTS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)  # of log popularity; scores are dot products of ~1-30
 
 
 def mean_sd(values: list[float], digits: int = 4) -> str:
@@ -55,19 +61,21 @@ def run_study(export: Path, data: Path, config: str, overrides: list[str], fract
     from transrec.cluster.launch import prepare_and_train
     from transrec.config import load_config
     from transrec.models import TransRec
+    from transrec.trainer.checkpoint_store import run_checkpoints
     from transrec.trainer.evaluate import evaluate_model
     from transrec.writers.subsample import subsample_train_users
 
     base = [*overrides, f"output_dir={out / 'runs'}"]
-    zero_shot_file = out / "zero-shot.json"
-    if not zero_shot_file.exists():  # every share evaluates the same users with the same histories
-        results = evaluate_model(TransRec.from_pretrained(export), str(data), load_config(config, base))
-        zero_shot_file.write_text(json.dumps(results, indent=2))
+    cfg = load_config(config, base)
     for fraction in fractions:
         for seed in range(seeds):
             target = out / "data" / f"users{fraction:g}-seed{seed}"
             if not (target / "manifest.json").exists():
                 subsample_train_users(data, target, fraction, seed, overwrite=True)
+            if not (out / "runs" / run_name(ZERO_SHOT[-1], fraction, seed) / "results.json").exists():
+                results = evaluate_model(TransRec.from_pretrained(export), str(target), cfg,
+                                         prior_weights=PRIOR_WEIGHTS)
+                write_zero_shot(results, out / "runs", fraction, seed, cfg.eval.select_metric)
             for method in methods:
                 name = run_name(method, fraction, seed)
                 if (out / "runs" / name / "results.json").exists():
@@ -76,28 +84,43 @@ def run_study(export: Path, data: Path, config: str, overrides: list[str], fract
                 cfg = load_config(config, [*base, f"name={name}", f"data.path={target}", f"train.seed={seed}",
                                            f"data.shuffle_seed={seed}", *sets,
                                            *([f"init_from={export}"] if from_export else [])])
-                prepare_and_train(cfg, resume=False)
+                prepare_and_train(cfg, resume=run_checkpoints(cfg).latest() is not None)
     rows = collect(out, fractions, seeds, methods)
     write_report(rows, out)
     return rows
 
 
+def write_zero_shot(results: dict, runs: Path, fraction: float, seed: int, select_metric: str) -> None:
+    """The two zero-shot rows of a share and seed as results files shaped like a trained run's: the export as it
+    is, and with the prior weight that scored best on valid."""
+    def as_run(metrics: dict, **extra) -> dict:
+        best = {f"{split}/{k}": v for split in ("valid", "test") for k, v in metrics[split].items()}
+        popularity = {split: results[f"{split}_popularity"] for split in ("valid", "test")}
+        return {"best": best, "popularity": popularity, **extra}
+
+    weight = max(PRIOR_WEIGHTS, key=lambda w: results[f"prior{w:g}"]["valid"][select_metric])
+    by_weight = {f"{w:g}": results[f"prior{w:g}"]["valid"][select_metric] for w in PRIOR_WEIGHTS}
+    for method, run in ((ZERO_SHOT[0], as_run(results)),
+                        (ZERO_SHOT[1], as_run(results[f"prior{weight:g}"], prior_weight=weight,
+                                              valid_by_prior_weight=by_weight))):
+        directory = runs / run_name(method, fraction, seed)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "results.json").write_text(json.dumps(run, indent=2))
+
+
 def collect(out: Path, fractions: list[float], seeds: int, methods: tuple[str, ...]) -> list[dict]:
     """One row per (share, seed, method) from the runs' results files: test metrics, seconds."""
-    zero_shot = json.loads((out / "zero-shot.json").read_text())["test"]
     rows = []
     for fraction in fractions:
         for seed in range(seeds):
             runs = {m: json.loads((out / "runs" / run_name(m, fraction, seed) / "results.json").read_text())
-                    for m in methods}
-            any_run = next(iter(runs.values()))
+                    for m in (*ZERO_SHOT, *methods)}
             rows.append({"method": "popularity", "fraction": fraction, "seed": seed,
-                         **any_run["popularity"]["test"]})
-            rows.append({"method": "zero-shot", "fraction": fraction, "seed": seed, **zero_shot})
+                         **runs[ZERO_SHOT[0]]["popularity"]["test"]})
             for method, results in runs.items():
                 test = {k.removeprefix("test/"): v for k, v in results["best"].items() if k.startswith("test/")}
-                rows.append({"method": method, "fraction": fraction, "seed": seed, **test,
-                             "seconds_to_best": results["seconds_to_best"], "seconds": results["seconds"]})
+                seconds = {k: results[k] for k in ("seconds_to_best", "seconds") if k in results}
+                rows.append({"method": method, "fraction": fraction, "seed": seed, **test, **seconds})
     return rows
 
 

@@ -122,15 +122,19 @@ class ImageItemEncoder(nn.Module):
         self.train(training)
         return features
 
-    def forward(self, images: torch.Tensor, item_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """`item_ids` (global item index per row) lets the frozen part's output be cached per item."""
-        return self.proj(self.features(images, item_ids))
+    def forward(self, images: torch.Tensor, item_ids: torch.Tensor | None = None,
+                cache: FrozenOutputCache | None = None) -> torch.Tensor:
+        """`item_ids` (global item index per row) lets the frozen part's output be cached per item, in `cache`
+        (default: this tower's; the video tower keeps its frames' apart, keyed by item and frame)."""
+        return self.proj(self.features(images, item_ids, cache))
 
-    def features(self, images: torch.Tensor, item_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def features(self, images: torch.Tensor, item_ids: torch.Tensor | None = None,
+                 cache: FrozenOutputCache | None = None) -> torch.Tensor:
         """[n, num_features]: the pooled backbone output, before the projection."""
         # The loader hands float32 images; a bf16 model (DeepSpeed casts parameters, not inputs) wants bf16.
         images = images.to(self.proj.weight.dtype)
         if self.cache_frozen and item_ids is not None and len(images):
-            frozen = self.frozen_cache.lookup(item_ids, lambda rows: self._frozen_forward(images[rows]))
+            cache = self.frozen_cache if cache is None else cache
+            frozen = cache.lookup(item_ids, lambda rows: self._frozen_forward(images[rows]))
             return run_in_order(self.trainable_part, torch.stack(frozen))
         return self.body(images)

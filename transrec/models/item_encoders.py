@@ -12,6 +12,7 @@ from transrec.config import ModelConfig
 from transrec.batch import IMAGE, TEXT, ItemBatch
 from transrec.models.image_encoder import ImageItemEncoder
 from transrec.models.text_encoder import TextItemEncoder
+from transrec.models.video_encoder import VideoItemEncoder
 from transrec.registry import Registry
 
 ITEM_ENCODERS: Registry[type[nn.Module]] = Registry("item encoder")
@@ -38,33 +39,44 @@ class IDItemEncoder(nn.Module):
 
 @ITEM_ENCODERS.register("mom")
 class MoMItemEncoder(nn.Module):
-    """Mixture of modalities: text items through the text tower, image items through the image tower.
+    """Mixture of modalities: text items through the text tower, image items through the image tower, video items
+    through the video tower (their frames through the image tower, pooled over time).
 
-    Each tower is called exactly once per step, on all of its rows, even when it has none: under
-    DeepSpeed ZeRO-3 every rank must run the same submodules in the same order, and an empty call
-    also gives the tower's parameters (zero) gradients on every rank.
+    Each tower is called on every step, on all of its rows, even when it has none (the image tower twice: images,
+    then frames): under DeepSpeed ZeRO-3 every rank must run the same submodules in the same order, and an empty
+    call also gives the tower's parameters (zero) gradients on every rank.
     """
 
-    modalities: tuple[str, ...] = ("text", "image")
+    modalities: tuple[str, ...] = ("text", "image", "video")
     mode = "mom"
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         # Only the towers this variant uses exist, so a text-only model holds no image parameters.
         self.text = TextItemEncoder(cfg.text, cfg.dim) if "text" in self.modalities else None
-        self.image = ImageItemEncoder(cfg.image, cfg.dim) if "image" in self.modalities else None
+        visual = {"image", "video"} & set(self.modalities)  # a video's frames are images
+        self.image = ImageItemEncoder(cfg.image, cfg.dim) if visual else None
+        self.video = VideoItemEncoder(cfg) if "video" in self.modalities else None
 
     def forward(self, items: ItemBatch) -> torch.Tensor:
         parts: list[tuple[torch.Tensor, torch.Tensor]] = []
         if self.text is not None:
             parts.append((items.text_rows, self.text(items.input_ids, items.attention_mask, items.ids[items.text_rows])))
-        if self.image is not None:
+        if "image" in self.modalities:
             images = items.images
             if images is None:  # no image item in this batch, so nothing was decoded
                 if items.image_rows.numel():
                     raise ValueError("ItemBatch has image rows but no decoded images")
                 images = torch.zeros(0, 3, *self.image.input_size, device=items.ids.device)
             parts.append((items.image_rows, self.image(images, items.ids[items.image_rows])))
+        if self.video is not None:
+            clips = items.clips
+            if clips is None:  # no video item in this batch, so nothing was decoded
+                if items.video_rows.numel():
+                    raise ValueError("ItemBatch has video rows but no decoded clips")
+                clips = torch.zeros(0, self.video.frames, 3, *self.image.input_size, device=items.ids.device)
+            parts.append((items.video_rows, self.video(clips, self.image, items.ids[items.video_rows],
+                                                       items.frame_indices)))
         if sum(rows.numel() for rows, _ in parts) != items.ids.numel():
             raise ValueError(f"item encoder {self.modalities} does not cover every row of the ItemBatch")
         # Out-of-place index_copy keeps the scatter differentiable with respect to each tower's output.
@@ -86,17 +98,21 @@ class MoMItemEncoder(nn.Module):
         if self.text is not None and items.text_rows.numel():
             text = self.text.features(items.input_ids, items.attention_mask)
             out[items.text_rows, :text.shape[1]] = text.float().cpu()
-        if self.image is not None and items.image_rows.numel():
+        if "image" in self.modalities and items.image_rows.numel():
             image = self.image.features(items.images)
             out[items.image_rows, :image.shape[1]] = image.float().cpu()
+        if self.video is not None and items.video_rows.numel():
+            video = self.video.features(items.clips, self.image)
+            out[items.video_rows, :video.shape[1]] = video.float().cpu()
         return out
 
 
 @ITEM_ENCODERS.register("features")
 class FeaturesItemEncoder(nn.Module):
     """MoRec's two-stage: each item's frozen-tower features, computed once per catalogue by `transrec features`,
-    through a trained projection per modality; no tower runs in the training step. The features are data, not
-    weights: `load_features` takes them from the data set, and checkpoints and exports leave them out."""
+    through a trained projection per modality (`model.features_head`); no tower runs in the training step. The
+    features are data, not weights: `load_features` takes them from the data set, and checkpoints and exports
+    leave them out."""
 
     mode = "id"
 
@@ -106,21 +122,31 @@ class FeaturesItemEncoder(nn.Module):
             raise ValueError("the features item encoder needs model.features_width (set from the data set's features)")
         self.register_buffer("table", torch.zeros(0, cfg.features_width), persistent=False)
         self.register_buffer("modality", torch.zeros(0, dtype=torch.int8), persistent=False)
-        self.proj = nn.ModuleList(nn.Linear(cfg.features_width, cfg.dim) for _ in (TEXT, IMAGE))
+        self.proj = nn.ModuleList(self._projection(cfg) for _ in (TEXT, IMAGE))
+
+    @staticmethod
+    def _projection(cfg: ModelConfig) -> nn.Module:
+        """Features -> item vector: one linear layer, or MoRec's DNN (its hidden layer as wide as the vector)."""
+        if cfg.features_head == "mlp":
+            return nn.Sequential(nn.Linear(cfg.features_width, cfg.dim), nn.GELU(), nn.Dropout(cfg.dropout),
+                                 nn.Linear(cfg.dim, cfg.dim))
+        return nn.Linear(cfg.features_width, cfg.dim)
 
     def load_features(self, table: torch.Tensor, modality: torch.Tensor) -> None:
         """[N, features_width] features and [N] modality codes of the catalogue."""
-        if table.shape[1] != self.proj[0].in_features:
-            raise ValueError(f"features of width {table.shape[1]}, the model was built for {self.proj[0].in_features}")
-        self.table = table.to(self.proj[0].weight)
-        self.modality = modality.to(device=self.proj[0].weight.device, dtype=torch.int8)
+        if table.shape[1] != self.table.shape[1]:
+            raise ValueError(f"features of width {table.shape[1]}, the model was built for {self.table.shape[1]}")
+        weight = next(self.proj.parameters())
+        self.table = table.to(weight)
+        self.modality = modality.to(device=weight.device, dtype=torch.int8)
 
     def forward(self, items: ItemBatch) -> torch.Tensor:
         if not self.table.numel():
             raise ValueError("no item features loaded (FeaturesItemEncoder.load_features)")
         features = self.table[items.ids]
-        is_image = (self.modality[items.ids] == IMAGE)[:, None]
-        return torch.where(is_image, self.proj[IMAGE](features), self.proj[TEXT](features))
+        # a clip's features are its frames' image features: images and videos share the image projection
+        is_visual = (self.modality[items.ids] != TEXT)[:, None]
+        return torch.where(is_visual, self.proj[IMAGE](features), self.proj[TEXT](features))
 
 
 @ITEM_ENCODERS.register("text")
@@ -137,6 +163,14 @@ class ImageOnlyItemEncoder(MoMItemEncoder):
 
     modalities = ("image",)
     mode = "image"
+
+
+@ITEM_ENCODERS.register("video")
+class VideoOnlyItemEncoder(MoMItemEncoder):
+    """Every item as a video (MicroLens' end-to-end video recommender): the loader puts every row in `video_rows`."""
+
+    modalities = ("video",)
+    mode = "video"
 
 
 class IDPlusContentItemEncoder(MoMItemEncoder):
@@ -160,5 +194,5 @@ class IDPlusTextItemEncoder(IDPlusContentItemEncoder):
 
 @ITEM_ENCODERS.register("id+mom")
 class IDPlusMoMItemEncoder(IDPlusContentItemEncoder):
-    modalities = ("text", "image")
+    modalities = ("text", "image", "video")
     mode = "mom"

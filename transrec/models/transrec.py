@@ -18,6 +18,7 @@ from transrec.models.losses import LOSSES
 from transrec.models.negatives import log_inclusion
 from transrec.models.text_encoder import TextItemEncoder
 from transrec.models.user_encoder import USER_ENCODERS
+from transrec.models.video_encoder import VideoItemEncoder
 
 
 class Adapter(nn.Module):
@@ -49,6 +50,9 @@ def _adapt_output(adapter: Adapter):
         return adapter(output)
 
     return hook
+
+
+TEXT_PEFT = "text_peft"  # an export's subdirectory for the text tower's peft adapter, in peft's own format
 
 
 def read_export_config(directory: str | Path) -> tuple[ModelConfig, dict | None]:
@@ -193,12 +197,17 @@ class TransRec(nn.Module):
         ]
 
     def add_adapters(self, blocks: int, dim: int) -> nn.ModuleList:
-        """Bottleneck adapters after every user-encoder layer and each tower's top `blocks` blocks; returns them.
-        (The text tower's top `blocks` must be its trainable ones, which run with autograd.)"""
+        """Bottleneck adapters after every user-encoder layer, each tower's top `blocks` blocks (the image tower's
+        adapt video frames too) and every temporal layer of a video tower; returns them. (The text tower's top
+        `blocks` must be its trainable ones, which run with autograd.)"""
         targets = [(block, self.cfg.dim) for block in self.user_encoder.blocks]
+        targets += [(block, self.cfg.dim) for video in self.modules() if isinstance(video, VideoItemEncoder)
+                    for block in video.blocks]
         for tower in self.towers():
-            tower_blocks = list(tower.body.encoder.layer) if isinstance(tower, TextItemEncoder) else split_blocks(tower.body).blocks
-            targets += [(block, _width(block)) for block in tower_blocks[-blocks:]]
+            if isinstance(tower, TextItemEncoder):  # every transformers layer outputs hidden_size features
+                targets += [(layer, tower.transformer.config.hidden_size) for layer in tower.layers[-blocks:]]
+            else:
+                targets += [(block, _width(block)) for block in split_blocks(tower.body).blocks[-blocks:]]
         self.adapters = nn.ModuleList(Adapter(width, dim) for _, width in targets)
         targets = [block for block, _ in targets]
         for block, adapter in zip(targets, self.adapters):
@@ -218,7 +227,10 @@ class TransRec(nn.Module):
         With `towers_apart`, each tower's body is stored in its own library's format instead of in
         model.safetensors (every weight is still stored once): text_encoder/ loads with
         `transformers.AutoModel.from_pretrained`, image_encoder/ with `timm.create_model("local-dir:...")`
-        or `timm.create_model(name, num_classes=0, **model_args)` + its model.safetensors."""
+        or `timm.create_model(name, num_classes=0, **model_args)` + its model.safetensors.
+
+        A text tower with a peft adapter (LoRA...) is stored as its body's own weights (under their transformers
+        names) and the adapter in text_peft/, which `peft.PeftModel.from_pretrained(body, "text_peft")` loads."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         config = dataclasses.asdict(self.cfg)
@@ -227,21 +239,30 @@ class TransRec(nn.Module):
         config["text"]["pretrained"] = ""
         text = getattr(self.item_encoder, "text", None)
         if text is not None:
-            config["text"]["config"] = text.body.config.to_dict()
+            config["text"]["config"] = text.transformer.config.to_dict()
         config["image"]["weights"] = ""
         if self.adapter_settings:
             config["adapters"] = self.adapter_settings
         (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        state = {
-            name: t.detach().to("cpu", dtype if t.is_floating_point() else t.dtype).contiguous()
-            for name, t in self.state_dict().items()
-        }
+
+        def stored(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            return {name: t.detach().to("cpu", dtype if t.is_floating_point() else t.dtype).contiguous()
+                    for name, t in tensors.items()}
+
+        state = stored(self.state_dict())
+        if text is not None and text.peft_config is not None:
+            from peft import get_base_model_state_dict
+
+            prefix = next(prefix for prefix, _, tower in self.tower_bodies() if tower is text)
+            body = {name.removeprefix(prefix): state.pop(name) for name in list(state) if name.startswith(prefix)}
+            text.body.save_pretrained(str(directory / TEXT_PEFT), state_dict=body)  # the adapter's weights only
+            state.update({prefix + name: t for name, t in stored(get_base_model_state_dict(text.body)).items()})
         for prefix, subdir, tower in self.tower_bodies() if towers_apart else []:
             (directory / subdir).mkdir(exist_ok=True)
             body = {name.removeprefix(prefix): state.pop(name) for name in list(state) if name.startswith(prefix)}
             safetensors.torch.save_file(body, str(directory / subdir / "model.safetensors"), metadata={"format": "pt"})
             if isinstance(tower, TextItemEncoder):
-                tower.body.config.save_pretrained(directory / subdir)
+                tower.transformer.config.save_pretrained(directory / subdir)
             else:
                 timm_config = {"architecture": self.cfg.image.name, "num_classes": 0,
                                "num_features": tower.body.num_features, "model_args": self.cfg.image.kwargs,
@@ -265,6 +286,8 @@ class TransRec(nn.Module):
                 body = safetensors.torch.load_file(str(directory / subdir / "model.safetensors"))
                 state.update({prefix + name: t for name, t in body.items()})
         model.load_state_dict(state, strict=True)
+        if (directory / TEXT_PEFT).is_dir():
+            model.item_encoder.text.load_peft(directory / TEXT_PEFT)
         for tower in model.towers():
             tower.pretrained = True  # whatever they started from, their weights are trained ones now
         return model if dtype is None else model.to(dtype)

@@ -53,6 +53,8 @@ class TransformerUserEncoder(nn.Module):
         # would be NaN, and NaN values leak into valid positions of the next layer (0 * NaN = NaN).
         allowed = allowed | torch.eye(T, dtype=torch.bool, device=mask.device)
         blocked = (~allowed).repeat_interleave(self.heads, dim=0)  # [B * heads, T, T], True = masked
+        if B == 0:  # an empty batch still runs (ranks step together); torch cannot reshape a [0, T, T] mask
+            blocked = allowed.new_zeros(T, T)
         return self.encoder(x, mask=blocked)
 
     @property

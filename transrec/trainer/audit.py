@@ -5,13 +5,15 @@ With `train.log_sample_ids: true`, rank r appends to RUN/samples/rank<r>.jsonl o
 per batch it trained on, {"step", "epoch", "pid", "ids"} (ids: the batch's users, each the id of one train
 sequence; step = the optimizer step the batch produced). A
 checkpoint tagged step N holds every batch with step <= N: after a restart, the batches a killed process
-recorded after the checkpoint it resumed from are replayed, and a reader drops them by their step.
+recorded after the checkpoint it resumed from are replayed, and a reader drops them by their step
+(`trained_batches`, `samples_per_epoch`).
 Each line is one O_APPEND write, so a killed process leaves at most its last line incomplete.
 """
 from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from pathlib import Path
 
 
@@ -55,3 +57,34 @@ def read_audit(path: str | Path) -> list[dict]:
         except json.JSONDecodeError:
             continue
     return records
+
+
+def attempts(path: str | Path) -> list[dict]:
+    """One rank's audit split by process, oldest first: [{"pid", "resumed_step", "batches": {step: record}}]."""
+    runs: list[dict] = []
+    for record in read_audit(path):
+        if record.get("event") == "start":
+            runs.append({"pid": record["pid"], "resumed_step": record["step"], "batches": {}})
+        else:
+            runs[-1]["batches"][record["step"]] = record
+    return runs
+
+
+def trained_batches(path: str | Path) -> list[dict]:
+    """The batch records of one rank that count, in step order: each process's, up to the step the next one
+    resumed from (those after it were trained again, by the next process)."""
+    runs = attempts(path)
+    kept = []
+    for run, following in zip(runs, [*runs[1:], None]):
+        last = following["resumed_step"] if following else float("inf")
+        kept += [record for step, record in sorted(run["batches"].items()) if step <= last]
+    return kept
+
+
+def samples_per_epoch(run_dir: str | Path) -> dict[int, Counter]:
+    """How many times each train sample was trained on, per epoch, over every rank and every restart of a run."""
+    counts: dict[int, Counter] = {}
+    for path in sorted((Path(run_dir) / "samples").glob("rank*.jsonl")):
+        for record in trained_batches(path):
+            counts.setdefault(record["epoch"], Counter()).update(record["ids"])
+    return counts

@@ -207,10 +207,12 @@ def load(engine, point: ResumePoint) -> tuple[dict, dict]:
     return state, shared
 
 
-def consolidated_state_dict(store: CheckpointStore, tag: str | None = None) -> dict[str, torch.Tensor]:
-    """The full fp32 model weights of a ZeRO checkpoint of any stage (default: the latest), gathered in one
-    process."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+def consolidated_state_dict(store: CheckpointStore, tag: str | None = None,
+                            dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """The full model weights of a ZeRO checkpoint of any stage (default: the latest), gathered in one process in
+    `dtype`. From ZeRO-3 partitions, one tensor at a time: the ranks' fp32 files are memory-mapped, each weight
+    is joined from its pieces and cast on its own, so a 16-bit result never needs a full fp32 copy beside it."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint, to_torch_tensor
 
     tag = tag or store.latest()
     if tag is None or tag not in store.tags():
@@ -222,7 +224,8 @@ def consolidated_state_dict(store: CheckpointStore, tag: str | None = None) -> d
         if found:
             raise ValueError(f"checkpoint {store.where(tag)} is damaged: " + "; ".join(found))
         with contextlib.redirect_stdout(sys.stderr):  # it prints progress; stdout stays the command's output
-            return get_fp32_state_dict_from_zero_checkpoint(str(local), tag=tag)
+            return to_torch_tensor(get_fp32_state_dict_from_zero_checkpoint(str(local), tag=tag, lazy_mode=True),
+                                   dtype=dtype)
     finally:
         if local is not None and not store.is_directory:
             shutil.rmtree(local)

@@ -19,8 +19,10 @@ from transrec.trainer.metrics import add_sums, count_higher, means, metric_sums
 
 
 @torch.no_grad()
-def encode_catalogue(model, store, decoder, batch_size: int, device: torch.device, mode: str) -> torch.Tensor:
-    """[num_items, dim] float32 vectors of every item, each encoded exactly once across the ranks."""
+def encode_catalogue(model, store, decoder, batch_size: int, device: torch.device, mode: str,
+                     video_decoder=None) -> torch.Tensor:
+    """[num_items, dim] float32 vectors of every item, each encoded exactly once across the ranks (`decoder` and
+    `video_decoder` decode images and clips, whose frames are sampled evenly)."""
     rank, world = rank_and_world()
     num_items = store.num_items
     per_rank = math.ceil(num_items / world)
@@ -30,7 +32,7 @@ def encode_catalogue(model, store, decoder, batch_size: int, device: torch.devic
     for start in range(0, per_rank, batch_size):
         ids = own[start : start + batch_size]
         distinct, inverse = np.unique(ids, return_inverse=True)
-        items = store.item_batch(distinct, decoder, mode).to(device)
+        items = store.item_batch(distinct, decoder, mode, video_decoder).to(device)
         chunks.append(model.encode_items(items).float()[torch.from_numpy(inverse).to(device)])
     mine = torch.cat(chunks)
     if world > 1:
@@ -62,10 +64,13 @@ def target_ranks(user_vecs: torch.Tensor, item_vecs: torch.Tensor, batch: EvalBa
 
 
 @torch.no_grad()
-def evaluate_splits(model, item_vecs: torch.Tensor, loaders: dict, ks: list[int],
-                    device: torch.device) -> dict[str, dict[str, float]]:
-    """HR@K and NDCG@K (means over all users of every rank) of `model` on each eval split of `loaders`."""
+def evaluate_splits(model, item_vecs: torch.Tensor, loaders: dict, ks: list[int], device: torch.device,
+                    item_bias: torch.Tensor | None = None) -> dict[str, dict[str, float]]:
+    """HR@K and NDCG@K (means over all users of every rank) of `model` on each eval split of `loaders`.
+    `item_bias` [N] is added to every user's score of each item (a prior, such as weighted log popularity)."""
     candidates = model.scoring(item_vecs)  # (a normalized copy with a temperature: once for all splits)
+    if item_bias is not None:  # score = user . item + bias: one more dimension, 1 on the user's side
+        candidates = torch.cat([candidates, item_bias.to(candidates)[:, None]], 1)
     results = {}
     for split, loader in loaders.items():
         sums: dict[str, float] = {}
@@ -73,6 +78,8 @@ def evaluate_splits(model, item_vecs: torch.Tensor, loaders: dict, ks: list[int]
             batch = batch.to(device)
             history = item_vecs[batch.history].to(next(model.parameters()).dtype)
             user_vecs = model.scoring(model.encode_users(history, batch.history_mask).float())
+            if item_bias is not None:
+                user_vecs = torch.cat([user_vecs, user_vecs.new_ones(len(user_vecs), 1)], 1)
             add_sums(sums, metric_sums(target_ranks(user_vecs, candidates, batch), ks, batch.valid))
         results[split] = means(all_reduce_values(sums))
     return results
@@ -89,10 +96,13 @@ def evaluate_popularity(popularity: np.ndarray, loader, ks: list[int]) -> dict[s
     return means(all_reduce_values(sums))
 
 
-def evaluate_model(model, data_path: str, cfg, splits=("valid", "test"), device: torch.device | None = None) -> dict:
-    """One-process evaluation of a plain (non-DeepSpeed) model on a prepared dataset: metrics per split."""
+def evaluate_model(model, data_path: str, cfg, splits=("valid", "test"), device: torch.device | None = None,
+                   prior_weights: tuple[float, ...] = ()) -> dict:
+    """One-process evaluation of a plain (non-DeepSpeed) model on a prepared dataset: metrics per split; for each
+    of `prior_weights` w, also with w x the data set's log popularity added to every score (`prior{w:g}`)."""
     from transrec.dataloading.images import ImageDecoder
     from transrec.dataloading.item_store import ItemStore
+    from transrec.dataloading.videos import VideoDecoder
     from transrec.dataloading.loader import EvalLoader
     from transrec.trainer.finetune import load_item_features
 
@@ -101,10 +111,16 @@ def evaluate_model(model, data_path: str, cfg, splits=("valid", "test"), device:
     store = ItemStore(data_path)
     load_item_features(model, store)
     decoder = ImageDecoder(model.cfg.image.image_size, cfg.data.image_decoder)
-    item_vecs = encode_catalogue(model, store, decoder, cfg.eval.item_batch_size, device, model.item_mode)
+    video_decoder = VideoDecoder(model.cfg.image.image_size, model.cfg.video.frames, cfg.data.video_decoder)
+    item_vecs = encode_catalogue(model, store, decoder, cfg.eval.item_batch_size, device, model.item_mode,
+                                 video_decoder)
     loaders = {split: EvalLoader(data_path, split, cfg.eval.batch_size, model.cfg.max_seq_len, 0, 1)
                for split in splits}
     results = evaluate_splits(model, item_vecs, loaders, cfg.eval.ks, device)
+    model.set_item_popularity(torch.as_tensor(store.popularity))  # this data set's, for the prior
+    for weight in prior_weights:
+        bias = weight * model.popularity.log()
+        results[f"prior{weight:g}"] = evaluate_splits(model, item_vecs, loaders, cfg.eval.ks, device, bias)
     for split, loader in loaders.items():
         results[f"{split}_popularity"] = evaluate_popularity(store.popularity, loader, cfg.eval.ks)
     return results

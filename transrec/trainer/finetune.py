@@ -3,12 +3,16 @@ fine-tuning from an export (`init_from`), or to load a run's checkpoint."""
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from transrec.config import Config, ModelConfig
+from transrec.config import Config, ModelConfig, TrainConfig
 from transrec.dataloading.dataset_format import read_manifest
+
+if TYPE_CHECKING:
+    from peft import LoraConfig
 
 # Model fields that say how a model trains, not what it is: a fine-tuning run takes these from its own config
 # (YAML and --set, as any run) and everything else from the export it starts from.
@@ -34,12 +38,20 @@ def model_config(cfg: Config, num_items: int) -> ModelConfig:
         width = (read_manifest(cfg.data.path)["features"][model.features]["width"]
                  if model.item_encoder == "features" else model.features_width)
         model = replace(model, num_items=num_items, features_width=width)
-    trainable = {"full": -1, "top_k": blocks, "adapters": blocks}.get(mode)
+    trainable = {"full": -1, "top_k": blocks, "adapters": blocks, "lora": blocks}.get(mode)
     if trainable is None:
         return model
-    # adapters: the top blocks run with autograd (their adapters need it) though their own weights stay frozen
-    return replace(model, text=replace(model.text, trainable_blocks=trainable),
-                   image=replace(model.image, trainable_blocks=trainable))
+    # adapters, lora: the top blocks run with autograd (their adapters need it) though their own weights stay frozen
+    image = model.image if mode == "lora" else replace(model.image, trainable_blocks=trainable)  # (LoRA: text only)
+    return replace(model, text=replace(model.text, trainable_blocks=trainable), image=image)
+
+
+def lora_config(train: TrainConfig) -> LoraConfig:
+    """The run's LoRA as peft's config; no `lora_targets`: peft's default modules for the tower's family."""
+    from peft import LoraConfig  # (imported by the runs that use it only: it takes seconds a process)
+
+    return LoraConfig(r=train.lora_r, lora_alpha=train.lora_alpha, lora_dropout=train.lora_dropout,
+                      target_modules=train.lora_targets or None)
 
 
 def load_item_features(model, store) -> None:
@@ -51,7 +63,8 @@ def load_item_features(model, store) -> None:
 
 def build_model(cfg: Config, num_items: int, load_init: bool = True):
     """The run's model: random or pretrained encoders, or the `init_from` export's weights (unless `load_init`
-    is False, when a checkpoint's weights come next); in adapters mode, with only the adapters trainable."""
+    is False, when a checkpoint's weights come next); in adapters mode, with only the adapters trainable; in lora
+    mode, with the text tower's body adapted by LoRA (an export's adapter goes on training)."""
     from transrec.models import TransRec
 
     model_cfg = model_config(cfg, num_items)
@@ -68,4 +81,11 @@ def build_model(cfg: Config, num_items: int, load_init: bool = True):
         adapters = model.adapters if model.adapter_settings else model.add_adapters(cfg.train.finetune_blocks,
                                                                                     cfg.train.adapter_dim)
         adapters.requires_grad_(True)
+    if cfg.train.finetune_mode == "lora":
+        text = getattr(model.item_encoder, "text", None)
+        if text is None:
+            raise ValueError(f"train.finetune_mode lora adapts the text tower; model.item_encoder "
+                             f"{model_cfg.item_encoder} has none")
+        if text.peft_config is None:
+            text.add_peft(lora_config(cfg.train))
     return model

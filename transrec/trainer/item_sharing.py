@@ -8,7 +8,8 @@ every rank's loss scores its positions against the whole union: in-batch negativ
 
 The loss of each rank is its sum over positions divided by (global positions / world), so that DeepSpeed's
 average of the ranks' gradients is the gradient of the mean over the global batch, as one process would
-compute it.
+compute it, whether or not the ranks share their items. A rank whose batch is empty (all its samples were bad)
+still takes part in the step, with a zero sum: it neither adds to the gradient nor dilutes it.
 """
 from __future__ import annotations
 
@@ -61,17 +62,18 @@ def _water_fill(loads: np.ndarray, count: int) -> np.ndarray:
 class SharedItems:
     batch: Batch  # items: this rank's share; row_ids: the union of every rank's; rows renumbered into it
     gather: Callable[[torch.Tensor], torch.Tensor] | None  # vectors of the share -> of every row (None: 1 rank)
+    positions: int  # predicting positions of the global batch (0: every rank's batch is empty)
     normalizer: float  # what the rank's summed loss is divided by
 
 
 def share_items(batch: Batch, positions: int, enabled: bool = True) -> SharedItems:
     """Splits the encoding of the global batch's items over the ranks (a collective: every rank calls it once
-    per step); `positions` = this rank's predicting positions. Not `enabled`: each rank keeps its own items and
-    its loss is the mean over its own positions."""
+    per step); `positions` = this rank's predicting positions. Not `enabled`: each rank keeps its own items."""
     rank, world = rank_and_world()
+    total = round(all_reduce_values({"positions": float(positions)})["positions"])
+    normalizer = max(total, 1) / world
     if world == 1 or not enabled:
-        return SharedItems(batch, None, float(max(positions, 1)))
-    total = all_reduce_values({"positions": float(positions)})["positions"]
+        return SharedItems(batch, None, total, normalizer)
     every_rank = [ids.cpu().numpy() for ids in all_gather_padded(batch.row_ids)]
     union = np.unique(np.concatenate(every_rank))
     holders = np.stack([np.isin(union, ids, assume_unique=True) for ids in every_rank])
@@ -95,4 +97,4 @@ def share_items(batch: Batch, positions: int, enabled: bool = True) -> SharedIte
                      row_ids=torch.from_numpy(union).to(batch.row_ids.device),
                      history=renumber[batch.history], targets=renumber[batch.targets],
                      negatives=renumber[batch.negatives])
-    return SharedItems(shared, gather, max(total, 1.0) / world)
+    return SharedItems(shared, gather, total, normalizer)

@@ -7,6 +7,7 @@ so a restarted worker group continues where it stopped. A `Trainer` holds the ru
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -42,6 +43,8 @@ def deepspeed_config(cfg: Config, load_universal: bool = False) -> dict:
     zero: dict = {"stage": cfg.train.zero_stage}
     if cfg.train.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": use_cuda()}
+    if cfg.train.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": use_cuda()}
     return {
         "train_micro_batch_size_per_gpu": cfg.train.batch_size,
         "gradient_accumulation_steps": 1,
@@ -54,6 +57,26 @@ def deepspeed_config(cfg: Config, load_universal: bool = False) -> dict:
         "steps_per_print": 1 << 30,
         "checkpoint": {"load_universal": load_universal},  # resuming on another number of ranks
     }
+
+
+@contextlib.contextmanager
+def partitioned_build(cfg: Config):
+    """Under ZeRO-3, a pretrained text tower's body is built inside deepspeed.zero.Init, every parameter split
+    across the ranks as it is created, and its weights are read shard by shard into the splits (transformers'
+    from_pretrained does both while a transformers.integrations.HfDeepSpeedConfig lives): no rank ever holds the
+    whole tower. The rest (user encoder, projections, image tower, adapters) is small: deepspeed.initialize
+    splits it. Not for a random-init tower (transformers' random init does not run on split weights: OPT's fails,
+    others keep torch's defaults), nor when fine-tuning (`init_from`: an export is loaded into whole weights)."""
+    if cfg.train.zero_stage != 3 or cfg.init_from or not cfg.model.text.pretrained:
+        yield
+        return
+    from transformers.integrations import HfDeepSpeedConfig
+
+    live = HfDeepSpeedConfig(deepspeed_config(cfg))  # transformers holds it by a weak reference
+    try:
+        yield
+    finally:
+        del live
 
 
 def lr_factor(schedule: str, warmup: int, total: int):
@@ -104,6 +127,7 @@ class TrainState:
 class Trainer:
     def __init__(self, cfg: Config, console: Console | None = None):
         from transrec.dataloading.images import ImageDecoder
+        from transrec.dataloading.videos import VideoDecoder
         from transrec.dataloading.dataset_format import read_manifest
         from transrec.dataloading.loader import EvalLoader, TrainLoader
         from transrec.models.negatives import ItemVectorBank
@@ -118,20 +142,23 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
 
         num_items = read_manifest(cfg.data.path)["num_items"]
-        model = build_model(cfg, num_items)
+        with partitioned_build(cfg):
+            model = build_model(cfg, num_items)
         self.dtype = torch.bfloat16 if use_bf16(cfg.train.precision) else torch.float32
         # Buffers too (batch-norm statistics): DeepSpeed casts only the parameters, and a bf16 batch norm with
         # fp32 statistics fails. The optimizer keeps fp32 master weights either way.
         model.to(self.dtype)
         self.mode = model.item_mode
         self.decoder = ImageDecoder(model.cfg.image.image_size, cfg.data.image_decoder)
+        self.video_decoder = VideoDecoder(model.cfg.image.image_size, model.cfg.video.frames, cfg.data.video_decoder)
         self.loader = TrainLoader(cfg.data, cfg.data.path, batch_size=cfg.train.batch_size,
                                   max_seq_len=model.cfg.max_seq_len,
                                   num_negatives=cfg.data.num_negatives if model.cfg.loss == "bce" else 0,
                                   seed=cfg.train.seed, rank=self.rank, world_size=self.world, decoder=self.decoder,
                                   mode=self.mode, negatives=model.cfg.negatives,
                                   sampled_negatives=model.cfg.sampled_negatives,
-                                  cloze_prob=model.cfg.cloze_prob if model.user_encoder.cloze else 0.0)
+                                  cloze_prob=model.cfg.cloze_prob if model.user_encoder.cloze else 0.0,
+                                  video_decoder=self.video_decoder)
         self.store = self.loader.store  # opened (and checked against the manifest) once
         model.set_item_popularity(torch.as_tensor(self.store.popularity))
         load_item_features(model, self.store)
@@ -187,13 +214,16 @@ class Trainer:
     def text_tower(self):
         return getattr(self.model.item_encoder, "text", None)
 
-    def train_step(self, batch) -> tuple[float, int, int]:
+    def train_step(self, batch) -> tuple[float, int, int] | None:
         """One optimizer step on this rank's batch; (loss, target positions of the global batch, items this rank
-        encoded)."""
+        encoded), or None when every rank's batch is empty (all its samples bad): no step then, since a step on
+        nothing would still move the weights (Adam's momentum, weight decay) and the schedule."""
         batch = batch.to(self.device)
         if batch.items.images is not None:
             batch.items.images = batch.items.images.to(self.dtype)
         shared = share_items(batch, int(self.model.predicting(batch).sum()), self.cfg.train.share_items)
+        if shared.positions == 0:
+            return None
         extra = None
         if self.bank is not None:
             generator = torch.Generator(self.device).manual_seed(self.cfg.train.seed * 1_000_003 + self.state.step)
@@ -204,7 +234,7 @@ class Trainer:
         self.engine.step()
         if self.bank is not None:
             self.bank.update(shared.batch.row_ids, output.item_vectors)
-        return output.loss.item(), round(shared.normalizer * self.world), shared.batch.items.ids.numel()
+        return output.loss.item(), shared.positions, shared.batch.items.ids.numel()
 
     def stop_reason(self) -> str:
         """Why the run is over ("" while it is not): read from the state, so a resumed run with a larger
@@ -231,7 +261,10 @@ class Trainer:
             self.loader.set_epoch(state.epoch)
             self.window = StepTimer(self.world, self.peak_flops, self.text_tower)
             for batch in self.loader:
-                loss, positions, items = self.train_step(batch)
+                stepped = self.train_step(batch)
+                if stepped is None:  # (the loader counted its samples as skipped)
+                    continue
+                loss, positions, items = stepped
                 state.step += 1
                 state.epoch_positions += positions
                 self.audit.batch(state.step, state.epoch, batch.users.tolist())
@@ -272,7 +305,8 @@ class Trainer:
         cfg, state = self.cfg, self.state
         self.tick()
         model = self.model.eval()
-        item_vecs = encode_catalogue(model, self.store, self.decoder, cfg.eval.item_batch_size, self.device, self.mode)
+        item_vecs = encode_catalogue(model, self.store, self.decoder, cfg.eval.item_batch_size, self.device, self.mode,
+                                     self.video_decoder)
         metrics = flatten(evaluate_splits(model, item_vecs, self.evaluators, cfg.eval.ks, self.device))
         model.train()
         record = {"step": state.step, "epoch": state.epoch, "tag": f"step{state.step}", "seconds": state.seconds,

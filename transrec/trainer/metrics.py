@@ -4,6 +4,8 @@ With a single relevant item, both depend only on its rank r (0-based) among all 
 HR@K = [r < K], NDCG@K = [r < K] / log2(r + 2). The rank is the number of candidates that score
 strictly higher than the target (ties go to the target), so it can be counted chunk by chunk over the
 item catalogue in bounded memory, with no sort and no top-k list.
+
+A user-attribute classifier (trainer/user_task.py) is measured by accuracy and macro-F1.
 """
 from __future__ import annotations
 
@@ -39,3 +41,13 @@ def add_sums(total: dict[str, float], part: dict[str, float]) -> None:
 def means(sums: dict[str, float]) -> dict[str, float]:
     count = sums.get("count", 0.0)
     return {key: value / count for key, value in sums.items() if key != "count"} if count else {}
+
+
+def classification_metrics(predicted: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """Accuracy and macro-F1 of `predicted` classes against `labels` (int [n] each). Macro-F1 is the mean F1 =
+    2TP / (2TP + FP + FN) of the classes that occur in either, as scikit-learn's: a class that is predicted but
+    never true counts as 0, one neither predicted nor true not at all."""
+    classes = torch.unique(torch.cat([labels, predicted]))
+    true, chosen = labels[:, None] == classes, predicted[:, None] == classes
+    f1 = 2 * (true & chosen).sum(0) / (true.sum(0) + chosen.sum(0))  # 2TP+FP+FN = true count + predicted count
+    return {"accuracy": (predicted == labels).double().mean().item(), "macro_f1": f1.double().mean().item()}

@@ -67,6 +67,14 @@ def prepare(cfg: Config, resume: bool) -> Config:
         raise ConfigError(f"run {run_dir} already has checkpoints (in {checkpoints}): pass --resume to "
                           f"continue it, or pick another name")
     checkpoints.check_writable()  # an unwritable checkpoint storage fails now, not at the first checkpoint
+    write_run_dir(cfg, resume)
+    return cfg
+
+
+def write_run_dir(cfg: Config, resume: bool = False) -> None:
+    """Creates the run directory, less a previous run's metrics and results unless `resume`, with the resolved
+    config in it."""
+    run_dir = cfg.run_dir
     if not resume and run_dir.exists():
         for stale in ("metrics.jsonl", "results.json"):
             (run_dir / stale).unlink(missing_ok=True)
@@ -75,7 +83,6 @@ def prepare(cfg: Config, resume: bool) -> Config:
     except OSError as err:
         raise ConfigError(f"output_dir: cannot create the run directory {run_dir}: {err.strerror or err}") from None
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    return cfg
 
 
 def run_config(run_dir: Path) -> Config:

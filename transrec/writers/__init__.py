@@ -3,5 +3,5 @@
 - `dataset_writer`: `DatasetWriter` (items, sequences, manifest; atomic) and `SequenceWriter` (one part).
 - `movielens`: RecBole atomic files -> a data set (`transrec prepare movielens`).
 - `synthetic`: a generated mixture-of-modalities data set (`transrec prepare synthetic`, the demo).
-- `posters`: the SYNTHETIC poster images of both.
+- `posters`, `clips`: the SYNTHETIC poster images and clips (VP9 in WebM) of both.
 """

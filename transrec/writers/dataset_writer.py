@@ -17,9 +17,10 @@ import numpy as np
 from streaming import MDSWriter
 from streaming.base.util import merge_index
 
-from transrec.batch import IMAGE, TEXT
+from transrec.batch import IMAGE, TEXT, VIDEO
 from transrec.dataloading.dataset_format import (EVAL_COLUMNS, FORMAT_VERSION, MANIFEST, MIN_INTERACTIONS,
-                                                 SPLIT_RULE, TRAIN_COLUMNS, DataError, load_tokenizer,
+                                                 SPLIT_RULE, TRAIN_COLUMNS, USER_ATTRIBUTES, DataError,
+                                                 UserAttribute, dump_user_attributes, load_tokenizer,
                                                  pack_sequences)
 from transrec.fileio import describe_files
 
@@ -32,17 +33,25 @@ POPULARITY_BATCH = 10_000  # sequences whose items are counted together
 class ItemRecord:
     source_id: str
     text: str  # tokenized for every item, whatever its modality
-    modality: int  # TEXT or IMAGE
-    jpeg: bytes | None  # the image of an IMAGE item; None for TEXT items
+    modality: int  # TEXT, IMAGE or VIDEO
+    jpeg: bytes | None  # the image of an IMAGE item; None for the others
+    clip: bytes | None = None  # the clip (WebM) of a VIDEO item; None for the others
+    clip_frames: int = 0  # the frames of that clip
 
 
-def choose_modalities(num_items: int, image_fraction: float, seed: int) -> np.ndarray:
-    """int8 [N]: exactly round(fraction * N) IMAGE items, picked by a seeded permutation."""
-    if not 0.0 <= image_fraction <= 1.0:
-        raise ValueError(f"image_fraction must be in [0, 1], got {image_fraction}")
+def choose_modalities(num_items: int, image_fraction: float, seed: int, video_fraction: float = 0.0) -> np.ndarray:
+    """int8 [N]: exactly round(image_fraction * N) IMAGE items, then round(video_fraction * N) VIDEO items, picked
+    in that order along one seeded permutation (a video share leaves the image items of a seed as they were)."""
+    for name, fraction in (("image_fraction", image_fraction), ("video_fraction", video_fraction)):
+        if not 0.0 <= fraction <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {fraction}")
+    images, videos = round(image_fraction * num_items), round(video_fraction * num_items)
+    if images + videos > num_items:
+        raise ValueError(f"image_fraction {image_fraction} + video_fraction {video_fraction} exceed 1")
     modality = np.full(num_items, TEXT, np.int8)
-    chosen = np.random.default_rng(seed).permutation(num_items)[: round(image_fraction * num_items)]
-    modality[chosen] = IMAGE
+    order = np.random.default_rng(seed).permutation(num_items)
+    modality[order[:images]] = IMAGE
+    modality[order[images:images + videos]] = VIDEO
     return modality
 
 
@@ -112,7 +121,8 @@ class DatasetWriter:
 
     Use as a context manager: `write_items` once, then the sequences, either `add_sequence` per user
     (chronological item indices) or, from other processes, a `SequenceWriter(writer.tmp, num_items, part)`
-    per part whose `close()` result goes to `add_part`; then `commit(**manifest_fields)` renames the
+    per part whose `close()` result goes to `add_part`; then, where the source has them, `write_user_attributes`;
+    then `commit(**manifest_fields)` renames the
     finished temp dir to `out`. On an exception the temp dir is removed and `out` is untouched.
     """
 
@@ -130,7 +140,7 @@ class DatasetWriter:
         self.num_interactions = 0
         self.skipped = Counter({"short_users": 0})
         self._popularity = np.zeros(0, np.int64)
-        self._modality_counts = {"text": 0, "image": 0}
+        self._modality_counts = {"text": 0, "image": 0, "video": 0}
         self._sequences: SequenceWriter | None = None  # add_sequence's writer, opened on first use
         self._parts: list[str] = []
 
@@ -149,14 +159,18 @@ class DatasetWriter:
         shutil.rmtree(self.tmp, ignore_errors=True)  # after commit it no longer exists
 
     def write_items(self, records: Iterable[ItemRecord], num_items: int) -> None:
-        """Tokenizes every item's text and stores the JPEGs of image items, in record order (= item index)."""
+        """Tokenizes every item's text and stores the JPEGs of image items and the clips of video items, in record
+        order (= item index)."""
         items_dir = self.tmp / "items"
         tokens = np.lib.format.open_memmap(items_dir / "tokens.npy", "w+", np.int32, (num_items, self.max_text_len))
         lengths = np.zeros(num_items, np.int32)
         modality = np.zeros(num_items, np.int8)
         offsets = np.zeros(num_items + 1, np.int64)
+        video_offsets = np.zeros(num_items + 1, np.int64)
+        video_frames = np.zeros(num_items, np.int32)
         count = 0
-        with open(items_dir / "images.bin", "wb") as images, open(items_dir / "items.jsonl", "w") as listing:
+        with (open(items_dir / "images.bin", "wb") as images, open(items_dir / "videos.bin", "wb") as videos,
+              open(items_dir / "items.jsonl", "w") as listing):
             for chunk in _chunks(records, TOKENIZE_CHUNK):
                 if count + len(chunk) > num_items:
                     raise ValueError(f"more than the announced {num_items} item records")
@@ -166,7 +180,12 @@ class DatasetWriter:
                     modality[index] = record.modality
                     if record.modality == IMAGE:
                         images.write(record.jpeg)
-                    offsets[index + 1] = images.tell()
+                    elif record.modality == VIDEO:
+                        if not record.clip or record.clip_frames < 1:
+                            raise ValueError(f"item {record.source_id}: a video item needs a clip of 1 or more frames")
+                        videos.write(record.clip)
+                        video_frames[index] = record.clip_frames
+                    offsets[index + 1], video_offsets[index + 1] = images.tell(), videos.tell()
                     listing.write(json.dumps({"index": index, "source_id": record.source_id, "text": record.text,
                                               "modality": int(record.modality)}) + "\n")
                 count += len(chunk)
@@ -177,9 +196,12 @@ class DatasetWriter:
         np.save(items_dir / "token_lengths.npy", lengths)
         np.save(items_dir / "modality.npy", modality)
         np.save(items_dir / "image_offsets.npy", offsets)
+        np.save(items_dir / "video_offsets.npy", video_offsets)
+        np.save(items_dir / "video_frames.npy", video_frames)
         self.num_items = num_items
         self._popularity = np.zeros(num_items, np.int64)
-        self._modality_counts = {"text": int((modality == TEXT).sum()), "image": int((modality == IMAGE).sum())}
+        self._modality_counts = {name: int((modality == code).sum())
+                                 for name, code in (("text", TEXT), ("image", IMAGE), ("video", VIDEO))}
 
     def _tokenize(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         encoded = self.tokenizer(texts, truncation=True, max_length=self.max_text_len, padding="max_length",
@@ -209,13 +231,25 @@ class DatasetWriter:
         self.skipped["short_users"] += counts["short_users"]
         self._popularity += counts["popularity"]
 
+    def write_user_attributes(self, attributes: dict[str, UserAttribute]) -> None:
+        """Every user's attributes, codes in the order the users' sequences were written: after the last one."""
+        self._finish_sequences()  # the sequences end here: how many users there are is known
+        for name, attribute in attributes.items():
+            if len(attribute.codes) != self.num_users:
+                raise ValueError(f"user attribute {name!r} has {len(attribute.codes)} values, for "
+                                 f"{self.num_users} users")
+        path = self.tmp / USER_ATTRIBUTES
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(dump_user_attributes(attributes))
+
     def _finish_sequences(self) -> None:
         if self._sequences is not None:
             self._add_counts(self._sequences.close())
             self._sequences = None
 
     def commit(self, name: str, source: str, synthetic_images: bool, image_fraction: float,
-               skipped: dict | None = None, sources: dict | None = None, **extra) -> dict:
+               skipped: dict | None = None, sources: dict | None = None, synthetic_videos: bool = False,
+               video_fraction: float = 0.0, **extra) -> dict:
         """Finishes every file, writes the manifest and renames the directory into place. Returns the manifest."""
         self._finish_sequences()  # the MDS shards and their index.json
         if self.num_users == 0:
@@ -231,6 +265,7 @@ class DatasetWriter:
             "name": name,
             "source": source,
             "synthetic_images": synthetic_images,
+            "synthetic_videos": synthetic_videos,
             "num_users": self.num_users,
             "num_items": self.num_items,
             "num_interactions": self.num_interactions,
@@ -239,6 +274,7 @@ class DatasetWriter:
             "tokenizer": self.tokenizer_name,
             "max_text_len": self.max_text_len,
             "image_fraction": image_fraction,
+            "video_fraction": video_fraction,
             "split": SPLIT_RULE,
             "skipped": {**(skipped or {}), **self.skipped},
             "sources": sources or {},

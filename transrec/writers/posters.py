@@ -58,13 +58,19 @@ def _draw_title(draw: ImageDraw.ImageDraw, title: str, size: int):
         draw.text((3, top + 2 + n * (font_size + 2)), line, fill=(255, 255, 255), font=font)
 
 
-def render_poster(title: str, colors: Sequence[RGB], shape: str, seed: int, size: int, quality: int = 90) -> bytes:
-    """JPEG bytes of a `size` x `size` poster: gradient of `colors`, `shape` pattern placed by `seed`, `title`."""
+def poster_image(title: str, colors: Sequence[RGB], shape: str, seed: int, size: int) -> Image.Image:
+    """A `size` x `size` RGB poster: gradient of `colors`, `shape` pattern placed by `seed`, `title`."""
     colors = list(colors) or [NEUTRAL]
     image = Image.fromarray(_gradient(size, colors[0], colors[-1]))
     draw = ImageDraw.Draw(image)
     _draw_pattern(draw, shape, colors, np.random.default_rng(seed), size)
     _draw_title(draw, title, size)
+    return image
+
+
+def render_poster(title: str, colors: Sequence[RGB], shape: str, seed: int, size: int, quality: int = 90) -> bytes:
+    """JPEG bytes of the poster `poster_image` draws."""
+    image = poster_image(title, colors, shape, seed, size)
     out = io.BytesIO()
     image.save(out, format="JPEG", quality=quality)
     return out.getvalue()

@@ -3,7 +3,7 @@
 Every user keeps its evaluation sequence (history, valid and test item) under the same user id, so each share
 is evaluated on the same users with the same histories; only a seeded share of them keep their training
 sequence. The kept users of a smaller share are among those of a larger one (one seeded permutation, cut at
-each share). Items, texts, images and the tokenizer are the source's; popularity counts the kept training
+each share). Items, texts, images, clips and the tokenizer are the source's; popularity counts the kept training
 sequences only.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from transrec.batch import IMAGE
+from transrec.batch import IMAGE, VIDEO
 from transrec.dataloading.dataset_format import read_manifest
 from transrec.dataloading.item_store import ItemStore
 from transrec.dataloading.loader import _ShardedSequences
@@ -42,7 +42,8 @@ def subsample_train_users(src: str | Path, out: str | Path, fraction: float, see
     with open(src / "items" / "items.jsonl") as listing:
         items = [json.loads(line) for line in listing]
     records = (ItemRecord(item["source_id"], item["text"], item["modality"],
-                          store.jpeg(i).tobytes() if item["modality"] == IMAGE else None)
+                          store.jpeg(i).tobytes() if item["modality"] == IMAGE else None,
+                          store.clip(i).tobytes() if item["modality"] == VIDEO else None, int(store.video_frames[i]))
                for i, item in enumerate(items))
     with DatasetWriter(out, manifest["tokenizer"], manifest["max_text_len"], overwrite,
                        manifest["users_per_sample"]) as writer:
@@ -51,10 +52,12 @@ def subsample_train_users(src: str | Path, out: str | Path, fraction: float, see
             if sample["user"] != user:
                 raise ValueError(f"{src / 'eval'}: sample {user} is user {sample['user']}; users must be 0..N-1 in order")
             writer.add_sequence(sample["items"], train=bool(kept[user]))
-        copied = {k: manifest[k] for k in ("image_size", "seed", "domain") if k in manifest}
+        copied = {k: manifest[k] for k in ("image_size", "clip_frames", "seed", "domain") if k in manifest}
         return writer.commit(
             name=f"{manifest['name']}-users{fraction:g}-seed{seed}", source=manifest["source"],
             synthetic_images=manifest["synthetic_images"], image_fraction=manifest["image_fraction"],
+            synthetic_videos=manifest.get("synthetic_videos", False),
+            video_fraction=manifest.get("video_fraction", 0.0),
             skipped=manifest["skipped"], sources={"manifest.json": sha256_file(src / "manifest.json")},
             subsample={"of": str(src.absolute()), "fraction": fraction, "seed": seed, "train_users": int(kept.sum())},
             **copied)

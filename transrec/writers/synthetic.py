@@ -5,7 +5,8 @@ by every seed; a seed draws its own items and users from it. Two seeds are thus 
 nothing is shared, yet what a model learns on one (topic words, topic looks, topic succession) transfers.
 
 - Items: a topic (balanced over topics), a text of 3-5 of its topic's words plus 0-2 noise words, a poster
-  in the topic's colors and shape with per-item placement, and a power-law popularity weight.
+  in the topic's colors and shape with per-item placement (image items), or a clip of that poster panned and
+  zoomed, its colours drifting between the topic's (video items; clips.py), and a power-law popularity weight.
 - Users: 1-3 favourite topics; the next item's topic follows the world's topic succession from the last
   item's topic or falls back to a favourite; within a topic, items are drawn by popularity, never twice.
   Sequences are generated in time order, so no timestamps are stored. Lengths follow a discrete power law
@@ -27,10 +28,11 @@ from pathlib import Path
 
 import numpy as np
 
-from transrec.batch import IMAGE
+from transrec.batch import IMAGE, VIDEO
 from transrec.dataloading.dataset_format import USERS_PER_SAMPLE
 from transrec.writers.dataset_writer import (TOKENIZE_CHUNK, DatasetWriter, ItemRecord, SequenceWriter,
                                              choose_modalities)
+from transrec.writers.clips import CLIP_FRAMES, render_clip
 from transrec.writers.posters import RGB, SHAPES, render_poster, tag_color
 
 TOPIC_WORDS: dict[str, tuple[str, ...]] = {  # real English words, so that the tokenizer sees real tokens
@@ -214,16 +216,15 @@ def _repeats(owner: np.ndarray, items: np.ndarray, num_items: int) -> np.ndarray
 
 
 def _item_records(args: tuple) -> list[ItemRecord]:
-    """The records of items `first`..: their texts and topics given, posters rendered here (in a worker)."""
-    first, texts, topics, modality, num_topics, seed, image_size = args
+    """The records of items `first`..: their texts and topics given, posters and clips rendered here (in a worker)."""
+    first, texts, topics, modality, num_topics, seed, image_size, frames = args
     world = make_world(num_topics)
     records = []
     for index, (text, topic, kind) in enumerate(zip(texts, topics, modality), start=first):
-        jpeg = None
-        if kind == IMAGE:
-            jpeg = render_poster(text, world.colors(topic), world.shape(topic), seed=seed * 2**32 + index,
-                                 size=image_size)
-        records.append(ItemRecord(f"s{seed}-i{index}", text, int(kind), jpeg))
+        look = (text, world.colors(topic), world.shape(topic), seed * 2**32 + index, image_size)
+        jpeg = render_poster(*look) if kind == IMAGE else None
+        clip = render_clip(*look, frames) if kind == VIDEO else None
+        records.append(ItemRecord(f"s{seed}-i{index}", text, int(kind), jpeg, clip, frames if clip else 0))
     return records
 
 
@@ -250,19 +251,21 @@ def prepare_synthetic(out: str | Path, users: int = 2000, items: int = 1000, see
                       max_text_len: int = 32, tokenizer: str = "minilm", overwrite: bool = False,
                       image_size: int = 96, length_exponent: float = 0.0, workers: int = 1,
                       users_per_part: int = USERS_PER_PART, users_per_sample: int = USERS_PER_SAMPLE,
-                      shift: float = 0.0) -> dict:
+                      shift: float = 0.0, video_fraction: float = 0.0, clip_frames: int = CLIP_FRAMES) -> dict:
     """Generates a data set of `users` sequences over `items` items into `out`. Returns the manifest.
 
     Sequence lengths: p(L) ~ L^-length_exponent on min_len..max_len (0: uniform), capped at `items` (no item
-    occurs twice in a sequence). `workers` processes render posters and write parts; the data set is the
-    same for any number of them. `shift` moves the world away from the shared one (make_world): two seeds at
-    shift 0 are two domains of one world; a target at shift s is s of the way to another world.
+    occurs twice in a sequence). A seeded share `image_fraction` of the items are images (posters), a further
+    `video_fraction` videos (clips of `clip_frames` frames), both SYNTHETIC and `image_size` square. `workers`
+    processes render posters and clips and write parts; the data set is the same for any number of them.
+    `shift` moves the world away from the shared one (make_world): two seeds at shift 0 are two domains of one
+    world; a target at shift s is s of the way to another world.
     """
     world = make_world(topics, shift)
     rng = np.random.default_rng(seed)
     catalogue = make_catalogue(world, items, rng)
     model = UserModel(world, catalogue.topic, catalogue.weight, seed, min_len, max_len, length_exponent)
-    modality = choose_modalities(items, image_fraction, seed)
+    modality = choose_modalities(items, image_fraction, seed, video_fraction)
     parts = [(part, min(users_per_part, users - start)) for part, start in enumerate(range(0, users, users_per_part))]
     # forked before the tokenizer (and its threads) exist in this process; the workers inherit the model
     pool = multiprocessing.get_context("fork").Pool(workers, _init_worker, (model,)) if workers > 1 else nullcontext()
@@ -270,7 +273,8 @@ def prepare_synthetic(out: str | Path, users: int = 2000, items: int = 1000, see
         imap = pool.imap if workers > 1 else map
         chunk = TOKENIZE_CHUNK
         chunks = [(first, catalogue.texts[first:first + chunk], catalogue.topic[first:first + chunk],
-                   modality[first:first + chunk], topics, seed, image_size) for first in range(0, items, chunk)]
+                   modality[first:first + chunk], topics, seed, image_size, clip_frames)
+                  for first in range(0, items, chunk)]
         writer.write_items(itertools.chain.from_iterable(imap(_item_records, chunks)), items)
         if len(parts) == 1:  # one shard set, written here
             for sequence in model.users(0, users):
@@ -283,7 +287,8 @@ def prepare_synthetic(out: str | Path, users: int = 2000, items: int = 1000, see
                 writer.add_part(counts)
         return writer.commit(
             name=f"synthetic-seed{seed}", source="synthetic", synthetic_images=True, image_fraction=image_fraction,
-            image_size=image_size, seed=seed,
+            synthetic_videos=True, video_fraction=video_fraction, clip_frames=clip_frames, image_size=image_size,
+            seed=seed,
             params={"users": users, "items": items, "topics": topics, "min_len": min_len, "max_len": max_len,
                     "length_exponent": length_exponent, "users_per_part": users_per_part,
                     "shift": shift},
