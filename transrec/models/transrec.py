@@ -290,4 +290,6 @@ class TransRec(nn.Module):
             model.item_encoder.text.load_peft(directory / TEXT_PEFT)
         for tower in model.towers():
             tower.pretrained = True  # whatever they started from, their weights are trained ones now
-        return model if dtype is None else model.to(dtype)
+        # one dtype throughout (default: the export's): transformers reads a tower body in the dtype it was saved in
+        exported = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
+        return model.to(dtype or exported)
