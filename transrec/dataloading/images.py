@@ -42,7 +42,8 @@ def _looks_cut_short(jpeg: np.ndarray) -> bool:
 def decode_or_blank(decoder, jpegs: list[np.ndarray], item_ids: Sequence[int]
                     ) -> tuple[torch.Tensor, list[ImageDecodeError]]:
     """`decoder.decode`, but an image that PIL cannot decode either becomes a blank image (decoding.decode_or_blank).
-    A JPEG that looks cut short goes to PIL first: DALI's CPU decoder has crashed on one (a segfault, 1 run in ~20)."""
+    A JPEG that looks cut short goes to PIL first: DALI's CPU decoder has crashed on one (a segfault, seen once in
+    a test run)."""
     item_ids = [int(i) for i in item_ids]
     return _decode_or_blank(lambda rows: decoder.decode([jpegs[r] for r in rows], [item_ids[r] for r in rows]),
                             lambda row: _check_decodable(jpegs[row], item_ids[row]), len(jpegs),
