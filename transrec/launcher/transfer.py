@@ -66,16 +66,17 @@ def run_study(export: Path, data: Path, config: str, overrides: list[str], fract
     from transrec.writers.subsample import subsample_train_users
 
     base = [*overrides, f"output_dir={out / 'runs'}"]
-    cfg = load_config(config, base)
+    study_cfg = load_config(config, base)
+    exported = None  # read once, when a zero-shot evaluation is still to do
     for fraction in fractions:
         for seed in range(seeds):
             target = out / "data" / f"users{fraction:g}-seed{seed}"
             if not (target / "manifest.json").exists():
                 subsample_train_users(data, target, fraction, seed, overwrite=True)
             if not (out / "runs" / run_name(ZERO_SHOT[-1], fraction, seed) / "results.json").exists():
-                results = evaluate_model(TransRec.from_pretrained(export), str(target), cfg,
-                                         prior_weights=PRIOR_WEIGHTS)
-                write_zero_shot(results, out / "runs", fraction, seed, cfg.eval.select_metric)
+                exported = exported or TransRec.from_pretrained(export)
+                results = evaluate_model(exported, str(target), study_cfg, prior_weights=PRIOR_WEIGHTS)
+                write_zero_shot(results, out / "runs", fraction, seed, study_cfg.eval.select_metric)
             for method in methods:
                 name = run_name(method, fraction, seed)
                 if (out / "runs" / name / "results.json").exists():
