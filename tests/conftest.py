@@ -49,8 +49,8 @@ def restore_environment():
 
 
 @contextlib.contextmanager
-def moto_s3(bucket: str = "transrec"):
-    """An S3 endpoint on loopback (moto's server) with one bucket, found the way S3 clients find any endpoint:
+def moto_s3(bucket: str = "transrec", host: str = "127.0.0.1"):
+    """An S3 endpoint on `host` (moto's server; loopback by default) with one bucket, found the way S3 clients find any endpoint:
     S3_ENDPOINT_URL (mosaicml-streaming's boto3) and AWS_ENDPOINT_URL (pyarrow.fs), set in os.environ with test
     credentials until the block ends (processes started meanwhile, Ray's included, inherit them). Yields a
     boto3 client."""
@@ -59,10 +59,10 @@ def moto_s3(bucket: str = "transrec"):
 
     from transrec.network import free_port
 
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    port = free_port(host)
+    server = ThreadedMotoServer(ip_address=host, port=port, verbose=False)
     server.start()
-    endpoint = f"http://127.0.0.1:{port}"
+    endpoint = f"http://{host}:{port}"
     # moto's state is per process, not per server: start empty
     urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST"), timeout=60)
     settings = {"S3_ENDPOINT_URL": endpoint, "AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "test",

@@ -4,6 +4,7 @@ import json
 import queue
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -119,6 +120,7 @@ def test_check_scaling_against_nodes():
 
 def test_placement_from_yaml_reaches_ray_train(monkeypatch, tmp_path):
     """cluster.placement -> ScalingConfig(placement_strategy); the check runs before the trainer exists."""
+    import ray
     import ray.train.torch
     import ray.util.queue
 
@@ -139,6 +141,7 @@ def test_placement_from_yaml_reaches_ray_train(monkeypatch, tmp_path):
 
     monkeypatch.setattr(launch, "connect", lambda cluster: None)
     monkeypatch.setattr(ray.util.queue, "Queue", lambda **kwargs: queue.Queue())  # no Ray to start for a queue
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: SimpleNamespace(get_node_id=lambda: "ab" * 28))
     monkeypatch.setattr(scaling, "ray_nodes", lambda: nodes((2, 0), (2, 0)))
     monkeypatch.setattr(ray.train.torch, "TorchTrainer", FakeTrainer)
     cfg = load_config(CONFIG, [f"output_dir={tmp_path}", "cluster.placement=strict_spread",

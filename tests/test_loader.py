@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
@@ -176,6 +177,53 @@ def test_two_ranks_read_disjoint_parts_covering_all(tmp_path):
     assert not set(parts[0]) & set(parts[1])
     assert sorted(parts[0] + parts[1]) == list(range(128))
     assert [len(r["batches"]) for r in results] == [r["len"] for r in results] == [4, 4]
+
+
+ORPHAN_SCRIPT = """
+import json, sys, time
+import psutil
+from transrec.config import DataConfig
+from transrec.dataloading.collate import TrainCollator
+from transrec.dataloading.loader import TrainLoader
+collate, calls = TrainCollator.__call__, [0]
+def blocked_after_the_first(self, samples):  # (in the worker: as one stuck in streaming's barrier)
+    calls[0] += 1
+    if calls[0] > 1:
+        time.sleep(300)
+    return collate(self, samples)
+TrainCollator.__call__ = blocked_after_the_first
+loader = TrainLoader(DataConfig(loader_workers=1), sys.argv[1], batch_size=16, max_seq_len=6, num_negatives=1,
+                     seed=0, rank=0, world_size=1, decoder=None)
+batches = iter(loader)
+next(batches)  # (kept: a closed iterator would join the blocked worker)
+me = psutil.Process()
+print(json.dumps([c.pid for c in me.children() if c.cmdline() == me.cmdline()]), flush=True)
+time.sleep(300)
+"""
+
+
+def test_a_loader_worker_dies_with_its_rank(tmp_path):
+    """A rank SIGKILLed while its DataLoader worker is blocked: the worker dies with it at once (else it keeps
+    the rank's sockets open, and Ray never sees the rank die). Its own data set: the killed rank's streaming
+    state stays behind."""
+    import psutil
+
+    prepare_synthetic(tmp_path / "data", **TINY)
+    rank = subprocess.Popen([sys.executable, "-c", ORPHAN_SCRIPT, str(tmp_path / "data")], cwd=REPO, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE)
+    workers = []
+    try:
+        workers = [psutil.Process(pid) for pid in json.loads(rank.stdout.readline())]
+        assert len(workers) == 1
+        rank.kill()
+        rank.wait()
+        _, alive = psutil.wait_procs(workers, timeout=3)
+        assert [p for p in alive if p.status() != psutil.STATUS_ZOMBIE] == []
+    finally:
+        rank.kill()
+        for worker in workers:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                worker.kill()
 
 
 def test_eval_ranks_get_equal_batches_covering_every_user(tiny_dataset):

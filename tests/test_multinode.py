@@ -1,12 +1,15 @@
-"""Two Ray nodes on this machine (a head and a node joined with `ray start --address`, each with its own temp
-dir, ports and 1 CPU): workers spread over both, checkpoints in object storage (S3, served by moto on
-loopback) with every rank's shard, a resume from it. Each rank stages its files in a private temp directory,
-so the bucket is the only place where the ranks' files meet: no shared file system is needed."""
+"""Two Ray nodes that are really apart: each in a network namespace of its own with an address of a private
+subnet, its own temp dir and 1 CPU (benchmarks/netns.py), started as on any cluster (`ray start --head`, `ray
+start --address`). Workers spread over both, checkpoints in object storage (S3, served by moto on the host's
+address in the subnet) with every rank's shard, a resume from it. Each rank stages its files in a private temp
+directory, so the bucket is the only place where the ranks' files meet: no shared file system is needed for
+checkpoints."""
 import io
 import json
 
 import pytest
 
+from benchmarks.netns import Subnet
 from conftest import moto_s3
 from transrec.cluster import embedded, jobs
 from transrec.launcher.cli import main
@@ -22,23 +25,20 @@ def job_logs(url: str, job_id: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def two_nodes(tmp_path_factory):
-    state_dir = tmp_path_factory.mktemp("cluster-state")
-    with moto_s3("transrec") as s3:  # first: the cluster's processes inherit its endpoint
-        state = embedded.up(state_dir, num_cpus=1)
-        try:
-            assert main(["cluster", "add-node", "--state-dir", str(state_dir), "--num-cpus", "1"]) == 0
-            yield state, s3
-        finally:
-            embedded.down(state_dir)
-            assert embedded.cluster_pids(state.cluster_id) == []
+def two_nodes():
+    with Subnet(2) as net, moto_s3("transrec", host=net.host) as s3:  # the nodes inherit the S3 endpoint
+        head, other = net.nodes
+        url = net.start_head(head, num_cpus=1)
+        net.join(other, head, num_cpus=1)
+        yield net, url, s3
+    assert not any(embedded.cluster_pids(node.marker) for node in net.nodes)
 
 
 def test_spread_over_two_nodes_checkpoint_in_s3_holds_every_shard_and_resumes(two_nodes, tmp_path):
-    state, s3 = two_nodes
-    url = state.dashboard_url
+    net, url, s3 = two_nodes
     nodes = [n for n in embedded.cluster_nodes(url) if n["alive"]]
     assert len(nodes) == 2 and all(n["resources"]["CPU"] == 1 for n in nodes)
+    assert sorted(n["ip"] for n in nodes) == sorted(node.address for node in net.nodes)
     assert main(["prepare", "synthetic", "--out", str(tmp_path / "data"), "--users", "48", "--items", "40"]) == 0
     common = [f"data.path={tmp_path / 'data'}", f"output_dir={tmp_path / 'runs'}", "name=two",
               "cluster.placement=strict_spread", "train.checkpoint_every=2", "train.log_sample_ids=true",
@@ -55,6 +55,9 @@ def test_spread_over_two_nodes_checkpoint_in_s3_holds_every_shard_and_resumes(tw
     pids = [read_audit(path)[0]["pid"] for path in audits]
     assert workers[pids[0]] != workers[pids[1]]
     assert {workers[pid] for pid in pids} == {n["node_id"] for n in nodes}
+    # the driver's queues (progress, summary) live on its node, the head: on the other, they would die with it
+    queues = list_actors(address=url, filters=[("class_name", "=", "_QueueActor")], detail=True, limit=100)
+    assert len(queues) == 2 and {q.node_id for q in queues} == {n["node_id"] for n in nodes if n["head"]}
 
     def stored(key: str) -> bytes:
         return s3.get_object(Bucket="transrec", Key=f"runs/two/checkpoints/{key}")["Body"].read()

@@ -175,6 +175,9 @@ class ClusterConfig:
     cpus_per_worker: int = 1
     use_gpu: Literal["auto", "true", "false"] = "auto"
     max_failures: int = 0  # worker-group restarts before the run fails
+    # a collective that waits longer for a peer fails its rank, so a rank that hangs or vanished inside one
+    # becomes a restart: longer than the slowest wait a rank may have (a peer's checkpoint save, say)
+    collective_timeout_s: int = 900
     placement: Literal["pack", "spread", "strict_pack", "strict_spread"] = "pack"  # pack: fewest nodes
 
 
@@ -328,7 +331,8 @@ RANGES = [
     ("train.log_every", lambda v: v > 0, "> 0"), ("eval.every_epochs", lambda v: v >= 0, ">= 0"),
     ("eval.batch_size", lambda v: v > 0, "> 0"), ("eval.item_batch_size", lambda v: v > 0, "> 0"),
     ("cluster.num_workers", lambda v: v > 0, "> 0"), ("cluster.cpus_per_worker", lambda v: v > 0, "> 0"),
-    ("cluster.max_failures", lambda v: v >= 0, ">= 0"), ("model.text.item_token", lambda v: v >= -1, ">= -1"),
+    ("cluster.max_failures", lambda v: v >= 0, ">= 0"),
+    ("cluster.collective_timeout_s", lambda v: v > 0, "> 0"), ("model.text.item_token", lambda v: v >= -1, ">= -1"),
     ("train.lora_r", lambda v: v > 0, "> 0"), ("train.lora_alpha", lambda v: v > 0, "> 0"),
     ("train.lora_dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
 ]

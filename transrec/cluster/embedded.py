@@ -114,28 +114,20 @@ def _ray_executable() -> str:
     return str(candidate) if candidate.exists() else "ray"
 
 
-def start_command(ports: dict[str, int], temp_dir: str, num_cpus: int, num_gpus: int,
-                  head_address: str | None = None, resources: dict | None = None) -> list[str]:
-    """`ray start` for a head (head_address None) or a node joining `head_address`, loopback only."""
-    cmd = [_ray_executable(), "start", f"--node-ip-address={LOOPBACK}", f"--temp-dir={temp_dir}",
-           f"--num-cpus={num_cpus}", f"--num-gpus={num_gpus}", "--disable-usage-stats",
-           f"--node-manager-port={ports['node_manager']}", f"--object-manager-port={ports['object_manager']}",
-           f"--dashboard-agent-listen-port={ports['agent_http']}",
-           f"--dashboard-agent-grpc-port={ports['agent_grpc']}", f"--metrics-export-port={ports['metrics']}",
-           f"--runtime-env-agent-port={ports['runtime_env_agent']}"]
-    if head_address is None:
-        cmd += ["--head", f"--port={ports['gcs']}", "--include-dashboard=true", f"--dashboard-host={LOOPBACK}",
-                f"--dashboard-port={ports['dashboard']}", f"--ray-client-server-port={ports['client']}"]
-    else:
-        cmd += [f"--address={head_address}"]
-    if resources:
-        cmd.append(f"--resources={json.dumps(resources)}")
-    return cmd
+def start_command(ports: dict[str, int], temp_dir: str, num_cpus: int, num_gpus: int) -> list[str]:
+    """`ray start --head`, loopback only."""
+    return [_ray_executable(), "start", "--head", f"--node-ip-address={LOOPBACK}", f"--temp-dir={temp_dir}",
+            f"--num-cpus={num_cpus}", f"--num-gpus={num_gpus}", "--disable-usage-stats",
+            f"--node-manager-port={ports['node_manager']}", f"--object-manager-port={ports['object_manager']}",
+            f"--dashboard-agent-listen-port={ports['agent_http']}",
+            f"--dashboard-agent-grpc-port={ports['agent_grpc']}", f"--metrics-export-port={ports['metrics']}",
+            f"--runtime-env-agent-port={ports['runtime_env_agent']}", f"--port={ports['gcs']}",
+            "--include-dashboard=true", f"--dashboard-host={LOOPBACK}", f"--dashboard-port={ports['dashboard']}",
+            f"--ray-client-server-port={ports['client']}"]
 
 
 HEAD_PORTS = ("gcs", "dashboard", "client", "node_manager", "object_manager", "agent_http", "agent_grpc",
               "metrics", "runtime_env_agent", "autoscaler_metrics", "dashboard_metrics")
-NODE_PORTS = HEAD_PORTS[3:9]
 
 
 def dashboard_ready(url: str, timeout: float = 2.0) -> bool:
@@ -212,47 +204,6 @@ def up_for_this_process(num_cpus: int, timeout: float = 120.0) -> ClusterState:
     return up(directory, num_cpus=num_cpus, timeout=timeout, cluster_id=cluster_id)
 
 
-# `ray start --address` for a node on loopback. RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, which keeps the node's
-# processes on 127.0.0.1, also makes `ray start` refuse to join a cluster ("multi-node clusters are not
-# supported on Windows and OSX"); with it =1, Ray rewrites 127.0.0.1 (the head's address and the node's) to
-# the host's address. So the starter process alone passes the join check and keeps 127.0.0.1 as given; the
-# processes it spawns inherit the =0 environment. For tests and local experiments only.
-_NODE_STARTER = """
-import sys
-import ray._private.ray_constants as constants
-import ray._private.services as services
-constants.ENABLE_RAY_CLUSTER = True
-services.resolve_ip_for_localhost = lambda host: host
-from ray.scripts.scripts import main
-sys.argv[0] = "ray"
-main()
-"""
-
-
-def add_node(directory: str | Path | None = None, num_cpus: int = 1, num_gpus: int = 0,
-             resources: dict | None = None, timeout: float = 120.0) -> str:
-    """Starts a second Ray node on this machine that joins the embedded head (own temp dir, own ports);
-    it carries the head's marker, so `down` stops it too. Returns its temp dir."""
-    state = read_state(directory)
-    if state is None:
-        raise ClusterError("no embedded cluster: `transrec cluster up` first")
-    temp_dir = tempfile.mkdtemp(prefix=f"trn-{state.cluster_id[:6]}-", dir="/tmp")
-    ports = _free_ports(NODE_PORTS)
-    cmd = start_command(ports, temp_dir, num_cpus, num_gpus, state.gcs_address, resources)
-    env = cluster_env(state.cluster_id, {**ports, "gcs": int(state.gcs_address.rsplit(":", 1)[1])}, temp_dir)
-    cmd = [sys.executable, "-c", _NODE_STARTER, *cmd[1:]]
-    try:
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout,
-                              stdin=subprocess.DEVNULL, start_new_session=True)
-    except subprocess.TimeoutExpired:
-        raise ClusterError(f"`ray start --address {state.gcs_address}` did not finish in {timeout:.0f} s; "
-                           f"`transrec cluster down` stops what it started") from None
-    if done.returncode != 0:
-        tail = (done.stderr or done.stdout).strip().splitlines()[-5:]
-        raise ClusterError(f"`ray start --address {state.gcs_address}` failed: " + " | ".join(tail))
-    return temp_dir
-
-
 def cluster_pids(cluster_id: str) -> list[int]:
     """Processes whose environment carries this cluster's marker (children inherit it)."""
     marker = f"{MARKER_ENV}={cluster_id}".encode()
@@ -269,8 +220,10 @@ def cluster_pids(cluster_id: str) -> list[int]:
     return sorted(pids)
 
 
-def kill_cluster(cluster_id: str, grace: float = 10.0) -> list[int]:
-    """SIGTERM to every process of the cluster, SIGKILL to those left after `grace` seconds."""
+def kill_cluster(cluster_id: str, grace: float = 2.0) -> list[int]:
+    """SIGTERM to every process of the cluster, SIGKILL to those left after `grace` seconds. Short: Ray's own
+    daemons (gcs_server, raylet, its agents) were still up 10 s after a SIGTERM to all (Ray 2.60), and nothing
+    of ours needs them to stop gently (checkpoints and shards are published atomically)."""
     pids = cluster_pids(cluster_id)
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for pid in pids:

@@ -2,8 +2,8 @@
 
 Each Ray Train worker is one DeepSpeed rank running `transrec.trainer.loop.train`. When a worker dies,
 Ray Train restarts the group (up to `cluster.max_failures` times) and the loop resumes from the run's
-latest complete checkpoint by itself; an error in the data stops the run instead (`StopOnDataError`). The
-workers' output goes to `runs/NAME/logs/rankN.log`; rank 0's progress reaches the driver's console through a
+latest complete checkpoint by itself, and the driver's console says so; an error in the data stops the run
+instead (`WorkerFailures`). The workers' output goes to `runs/NAME/logs/rankN.log`; rank 0's progress reaches the driver's console through a
 queue (trainer/console.py), all of it with `--verbose`.
 """
 from __future__ import annotations
@@ -71,15 +71,28 @@ def first_data_error(errors: Iterable[BaseException | None]) -> BaseException | 
     return next((error for error in errors if isinstance(error, DATA_ERRORS)), None)
 
 
-class StopOnDataError(UserCallback):
+class WorkerFailures(UserCallback):
     """Ray Train restarts a failed worker group whatever failed in it (`FailureConfig.max_failures`). A worker's
     data error, raised again here in Ray Train's controller, becomes a controller error, which its failure
-    policy does not retry: the run stops, with that error."""
+    policy does not retry: the run stops, with that error. Any other failure is said on the driver's console
+    (`console`: its queue), since the run is silent until the new group trains (a lost node: until it is back)."""
+
+    def __init__(self, console, max_failures: int):
+        self.console, self.max_failures, self.failures = QueueConsole(console), max_failures, 0
 
     def after_exception(self, run_context, worker_exceptions: dict[int, Exception]) -> None:
         error = first_data_error(worker_exceptions.values())
         if error is not None:
             raise error
+        self.failures += 1
+        rank, failure = min(worker_exceptions.items())
+        what = (str(failure).strip().splitlines() or [""])[0][:200]
+        if self.failures <= self.max_failures:
+            then = (f"restart {self.failures} of cluster.max_failures {self.max_failures}: Ray Train restarts the "
+                    f"worker group from the latest checkpoint once its workers can be placed")
+        else:
+            then = f"no restart left (cluster.max_failures {self.max_failures})"
+        self.console.line(f"transrec: rank {rank} failed ({type(failure).__name__}: {what}); {then}")
 
 
 def _worker_main(loop_config: dict) -> None:
@@ -111,9 +124,11 @@ def prepare_and_train(cfg: Config, resume: bool) -> dict:
 def train_on_cluster(cfg: Config) -> dict:
     """Runs the training job of `cfg` (already prepared by `trainer.run_dir.prepare`) and returns its summary.
     The scaling config is checked against the cluster's live nodes before any worker starts."""
+    import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.util.queue import Queue
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from transrec.cluster.scaling import (check_scaling, placement_strategy, ray_nodes, resolve_use_gpu,
                                           worker_resources)
@@ -123,18 +138,22 @@ def train_on_cluster(cfg: Config) -> dict:
     nodes = ray_nodes()
     use_gpu = resolve_use_gpu(cfg.cluster, nodes)
     check_scaling(cfg.cluster, nodes, use_gpu)
-    # no CPU reserved: a queue actor that waited for one would wait behind the workers' placement group forever
-    summaries, console = (Queue(maxsize=size, actor_options={"num_cpus": 0}) for size in (1, 0))
+    # on this driver's node: on another, they would go with it, and every restart would train to the end and
+    # fail to hand over its summary. No CPU reserved: a queue actor that waited for one would wait behind the
+    # workers' placement group forever.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    summaries, console = (Queue(maxsize=size, actor_options={"num_cpus": 0, "scheduling_strategy": here})
+                          for size in (1, 0))
     trainer = TorchTrainer(
         _worker_main,
         train_loop_config={"config": cfg.to_dict(), "summaries": summaries, "console": console},
         scaling_config=ScalingConfig(num_workers=cfg.cluster.num_workers, use_gpu=use_gpu,
                                      resources_per_worker=worker_resources(cfg.cluster, use_gpu),
                                      placement_strategy=placement),
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=cfg.cluster.collective_timeout_s),
         run_config=RunConfig(name="ray", storage_path=str(cfg.run_dir),
                              failure_config=FailureConfig(max_failures=cfg.cluster.max_failures),
-                             callbacks=[StopOnDataError()]),
+                             callbacks=[WorkerFailures(console, cfg.cluster.max_failures)]),
     )
     try:
         relay(trainer.fit, console, Console())

@@ -10,6 +10,7 @@ releases it).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
 import gc
 import hashlib
@@ -17,6 +18,8 @@ import json
 import math
 import os
 import queue
+import signal
+import sys
 import tempfile
 import threading
 from collections import Counter
@@ -94,6 +97,18 @@ def shm_registration_turn() -> Iterator[None]:
             yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def die_with_parent(parent: int, _worker_id: int) -> None:
+    """A DataLoader worker's init: SIGKILLed when the process that forked it dies. A forked worker holds
+    every socket of that process, Ray's connection to its raylet included: a worker that outlives a killed
+    rank (blocked in streaming's shared-memory barrier, say) keeps Ray from ever seeing that rank die, and
+    the run from restarting."""
+    if sys.platform != "linux":
+        return
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # it died before the prctl
+        os._exit(1)
 
 
 class _SequenceShards(StreamingDataset):
@@ -309,7 +324,7 @@ class TrainLoader:
                                  self.sampled_negatives, self.cloze_prob)
         workers = self.data_cfg.loader_workers
         batches = DataLoader(self._stream, batch_size=self.blocks_per_batch, num_workers=workers,
-                             collate_fn=collator)
+                             collate_fn=collator, worker_init_fn=partial(die_with_parent, os.getpid()))
         # A DataLoader draws its workers' base seed from torch's global RNG when it starts iterating: at an
         # epoch's start in an uninterrupted run, but mid-epoch after a resume, which would shift every later
         # dropout mask. The data side never moves the model's random stream.

@@ -1,4 +1,4 @@
-"""`transrec cluster up|down|status|add-node`, `submit`, `jobs`, `logs`, `stop`: the cluster-facing commands.
+"""`transrec cluster up|down|status`, `submit`, `jobs`, `logs`, `stop`: the cluster-facing commands.
 
 Thin: parse, then call `transrec.cluster.embedded` / `transrec.cluster.jobs`. Errors the user can fix (no
 cluster, wrong address, bad config, a scaling config the cluster cannot hold) are one line on stderr and
@@ -44,11 +44,6 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     _state_dir_arg(down)
     status = actions.add_parser("status", help="addresses, nodes, resources, listeners")
     _state_dir_arg(status)
-    node = actions.add_parser("add-node", help="start one more Ray node on this machine, joined to the head "
-                                               "(own temp dir and ports; for multi-node experiments)")
-    node.add_argument("--num-cpus", type=int, default=1)
-    node.add_argument("--num-gpus", type=int, default=0)
-    _state_dir_arg(node)
 
     submit = commands.add_parser("submit", help="submit a pretraining job to a Ray cluster (Jobs API)")
     submit.add_argument("--config", required=True, help="a YAML file, or a preset by name (transrec/configs/)")
@@ -83,9 +78,6 @@ def _cluster(args) -> int:
         print(f"cluster up: dashboard / Jobs API {state.dashboard_url}, Ray address {state.gcs_address}, "
               f"{state.num_cpus} CPUs, {state.num_gpus} GPUs, temp dir {state.temp_dir}")
         print(f"  transrec submit --config FILE        (or: ray job submit --address {state.dashboard_url} -- ...)")
-    elif args.action == "add-node":
-        temp_dir = embedded.add_node(args.state_dir, num_cpus=args.num_cpus, num_gpus=args.num_gpus)
-        print(f"node added: {args.num_cpus} CPUs, {args.num_gpus} GPUs, temp dir {temp_dir}")
     elif args.action == "down":
         result = embedded.down(args.state_dir, keep_temp=args.keep_temp)
         print(f"cluster down: stopped {result['stopped']} processes of {result['dashboard_url']}")
