@@ -75,8 +75,11 @@ def test_up_status_loopback_only_and_down(cluster, capsys):
     assert main(["cluster", "up", "--state-dir", str(state_dir)]) == 2
     assert state.dashboard_url in capsys.readouterr().err
 
+    agents = [pid for pid in pids if "Agent" in Path(f"/proc/{pid}/cmdline").read_text()]
+    assert len(agents) == 2  # the raylet's dashboard and runtime-env agents (their environment lacks the marker)
     assert main(["cluster", "down", "--state-dir", str(state_dir)]) == 0
     assert embedded.cluster_pids(state.cluster_id) == []
+    assert not any(embedded._alive(pid) for pid in pids)  # the agents too, not orphaned
     assert not (state_dir / "cluster.json").exists()
     assert not embedded.dashboard_ready(state.dashboard_url)
     capsys.readouterr()

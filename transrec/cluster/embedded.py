@@ -205,9 +205,12 @@ def up_for_this_process(num_cpus: int, timeout: float = 120.0) -> ClusterState:
 
 
 def cluster_pids(cluster_id: str) -> list[int]:
-    """Processes whose environment carries this cluster's marker (children inherit it)."""
+    """Processes whose environment carries this cluster's marker (children inherit it), and their descendants:
+    the raylet starts its agents with an environment of their own, and a SIGKILLed raylet would orphan them."""
+    import psutil
+
     marker = f"{MARKER_ENV}={cluster_id}".encode()
-    pids = []
+    pids = set()
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
@@ -216,7 +219,12 @@ def cluster_pids(cluster_id: str) -> list[int]:
         except OSError:
             continue
         if marker in environ.split(b"\0"):
-            pids.append(int(entry.name))
+            pids.add(int(entry.name))
+            try:
+                pids.update(child.pid for child in psutil.Process(int(entry.name)).children(recursive=True))
+            except psutil.NoSuchProcess:
+                continue
+    pids.discard(os.getpid())
     return sorted(pids)
 
 
@@ -262,9 +270,8 @@ def down(directory: str | Path | None = None, keep_temp: bool = False) -> dict:
         raise ClusterError(f"processes {left} of cluster {state.cluster_id} did not stop")
     (directory / STATE_FILE).unlink(missing_ok=True)
     if not keep_temp:
-        owned = [state.temp_dir] if state.owns_temp_dir else []
-        for temp in [*owned, *map(str, Path("/tmp").glob(f"trn-{state.cluster_id[:6]}-*"))]:
-            shutil.rmtree(temp, ignore_errors=True)
+        if state.owns_temp_dir:
+            shutil.rmtree(state.temp_dir, ignore_errors=True)
     return {"stopped": len(pids), "dashboard_url": state.dashboard_url}
 
 
