@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -145,7 +146,9 @@ def test_a_killed_driver_takes_its_own_cluster_along_and_resume_continues_exactl
         processes = embedded.cluster_pids(cluster_id)
         assert rank0 in processes
         outside = [s for s in embedded.listeners(processes) if not embedded.is_loopback(s["address"])]
-        assert [s["pid"] for s in outside] == [rank0], outside
+        # one socket, rank 0's (or, as psutil may name its owner, one of rank 0's forked DataLoader workers)
+        rank0_family = {rank0, *(child.pid for child in psutil.Process(rank0).children(recursive=True))}
+        assert len(outside) == 1 and outside[0]["pid"] in rank0_family, outside
     finally:
         driver.kill()
     deadline = time.monotonic() + 60  # (the watchdog: SIGTERM, then SIGKILL after 2 s)
