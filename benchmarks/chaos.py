@@ -37,7 +37,7 @@ from typing import Callable
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from transrec.trainer.audit import read_audit, samples_per_epoch  # noqa: E402
+from transrec.trainer.audit import every_sample_once, read_audit, samples_per_epoch  # noqa: E402
 
 MOMENTS = ("save", "eval", "restart", "random")
 POLL_S = 0.02
@@ -168,12 +168,10 @@ def check(run: Path, reference: Path, users: int, epochs: int) -> dict:
     counts = samples_per_epoch(run)
     per_epoch = {epoch: {"distinct": len(count), "lost": users - len(count),
                          "repeated": sum(n - 1 for n in count.values())} for epoch, count in sorted(counts.items())}
-    exactly_once = sorted(counts) == list(range(epochs)) and all(
-        sorted(count) == list(range(users)) and set(count.values()) == {1} for count in counts.values())
     mine = consolidated_state_dict(CheckpointStore(run / "checkpoints"))
     theirs = consolidated_state_dict(CheckpointStore(reference / "checkpoints"))
     differing = [name for name in theirs if name not in mine or not torch.equal(mine[name], theirs[name])]
-    return {"every_sample_once_per_epoch": exactly_once, "per_epoch": per_epoch,
+    return {"every_sample_once_per_epoch": every_sample_once(counts, users, epochs), "per_epoch": per_epoch,
             "weights_bitwise_equal": not differing and mine.keys() == theirs.keys(), "tensors_differing": differing,
             "latest": CheckpointStore(run / "checkpoints").latest()}
 

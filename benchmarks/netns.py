@@ -2,10 +2,10 @@
 
 Each node lives in a network namespace of its own (`ip netns`), joined to a bridge of the host by a veth pair,
 with an address of a private /24 (10.231.X.1, .2, ...); the host is .254 on the bridge. Each node has its own
-temp dir and /dev/shm, and its processes carry a marker of their own (`TRANSREC_CLUSTER_ID`), so one node can be stopped, or
-cut off (`ip link set ... down` on its end of the veth pair), while the others run on. Ray is started as on any
-cluster, `ray start --head` on the first node and `ray start --address` on the others, with no special setting:
-the nodes talk over a real interface, with real addresses. Nothing is shared between them but what the caller
+temp dir and /dev/shm, and its processes carry a marker of their own (`TRANSREC_CLUSTER_ID`), so one node can be
+stopped, or cut off (`ip link set ... down` on its end of the veth pair), while the others run on. Ray is started
+as on any cluster, `ray start --head` on the first node and `ray start --address` on the others, with no special
+setting: the nodes talk over a real interface, with real addresses. Nothing is shared between them but what the caller
 shares (a checkpoint store the nodes reach at the host's address, say).
 
     with Subnet(2) as net:
@@ -25,7 +25,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from transrec.cluster.embedded import MARKER_ENV, kill_cluster
+from transrec.cluster.embedded import MARKER_ENV, kill_cluster, ray_executable
 
 GCS_PORT, DASHBOARD_PORT = 6379, 8265  # each namespace has its ports to itself
 
@@ -106,13 +106,13 @@ class Subnet:
         namespaces share the host's name, which resolves to loopback, and gloo takes the address of the host name
         (README: a node whose host name resolves to loopback needs it)."""
         inherited = {k: v for k, v in os.environ.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
-        return {**inherited, "GLOO_SOCKET_IFNAME": node.link, "TMPDIR": str(node.temp_dir), MARKER_ENV: node.marker, "RAY_AUTH_MODE": "disabled",
-                "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+        return {**inherited, "GLOO_SOCKET_IFNAME": node.link, "TMPDIR": str(node.temp_dir), MARKER_ENV: node.marker,
+                "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1",
+                "TOKENIZERS_PARALLELISM": "false",
                 "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
 
     def _ray_start(self, node: Node, args: list[str], num_cpus: int) -> None:
-        ray = str(Path(sys.executable).parent / "ray")
-        argv = [ray, "start", f"--node-ip-address={node.address}", f"--temp-dir={node.temp_dir}",
+        argv = [ray_executable(), "start", f"--node-ip-address={node.address}", f"--temp-dir={node.temp_dir}",
                 f"--num-cpus={num_cpus}", "--num-gpus=0", "--disable-usage-stats", *args]
         started = node.popen(argv, self.env(node), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                              stdin=subprocess.DEVNULL, start_new_session=True)

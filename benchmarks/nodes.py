@@ -28,7 +28,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from benchmarks.netns import Subnet  # noqa: E402
 from conftest import moto_s3  # noqa: E402
 from transrec.cluster import embedded, jobs  # noqa: E402
-from transrec.trainer.audit import attempts, samples_per_epoch  # noqa: E402
+from transrec.trainer.audit import attempts, every_sample_once, samples_per_epoch  # noqa: E402
 from transrec.writers.synthetic import prepare_synthetic  # noqa: E402
 
 USERS, EPOCHS = 96, 6
@@ -89,13 +89,11 @@ def case(kind: str, net: Subnet, url: str, data: Path, workdir: Path, away: floa
     jobs.logs(url, job, out=out)
     said = [line.strip()[:240] for line in out.getvalue().splitlines()
             if line.startswith("transrec:")][:8]
-    counts = samples_per_epoch(run)
-    once = sorted(counts) == list(range(EPOCHS)) and all(
-        sorted(count) == list(range(USERS)) and set(count.values()) == {1} for count in counts.values())
     return {"case": kind, "away_s": away, "node_declared_dead": restarted, "job_status": status,
             "worker_group_starts": len(attempts(audit)),
             "return_to_next_step_s": first_step_after, "gone_to_end_s": round(time.monotonic() - gone, 1),
-            "every_sample_once_per_epoch": once, "job_log_lines": said}
+            "every_sample_once_per_epoch": every_sample_once(samples_per_epoch(run), USERS, EPOCHS),
+            "job_log_lines": said}
 
 
 def main() -> None:

@@ -1,7 +1,7 @@
 """Failures: Ray Train workers killed mid-run (SIGKILL, by their pids, mid-save and mid-evaluation) -> the group
 restarts, resumes from the latest complete checkpoint, consumes every sample exactly once per epoch and ends
-with the weights of a run that was never interrupted; so does a run whose driver was killed, once resumed; a data error stops a run
-instead of restarting it; checkpoint storage that cannot be written fails at start."""
+with the weights of a run that was never interrupted; so does a run whose driver was killed, once resumed; a
+data error stops a run instead of restarting it; checkpoint storage that cannot be written fails at start."""
 import io
 import json
 import os

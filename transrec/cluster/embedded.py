@@ -109,14 +109,14 @@ def cluster_env(cluster_id: str, ports: dict[str, int], temp_dir: str, base: dic
     return env
 
 
-def _ray_executable() -> str:
+def ray_executable() -> str:
     candidate = Path(sys.executable).parent / "ray"
     return str(candidate) if candidate.exists() else "ray"
 
 
 def start_command(ports: dict[str, int], temp_dir: str, num_cpus: int, num_gpus: int) -> list[str]:
     """`ray start --head`, loopback only."""
-    return [_ray_executable(), "start", "--head", f"--node-ip-address={LOOPBACK}", f"--temp-dir={temp_dir}",
+    return [ray_executable(), "start", "--head", f"--node-ip-address={LOOPBACK}", f"--temp-dir={temp_dir}",
             f"--num-cpus={num_cpus}", f"--num-gpus={num_gpus}", "--disable-usage-stats",
             f"--node-manager-port={ports['node_manager']}", f"--object-manager-port={ports['object_manager']}",
             f"--dashboard-agent-listen-port={ports['agent_http']}",

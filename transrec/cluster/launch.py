@@ -3,8 +3,8 @@
 Each Ray Train worker is one DeepSpeed rank running `transrec.trainer.loop.train`. When a worker dies,
 Ray Train restarts the group (up to `cluster.max_failures` times) and the loop resumes from the run's
 latest complete checkpoint by itself, and the driver's console says so; an error in the data stops the run
-instead (`WorkerFailures`). The workers' output goes to `runs/NAME/logs/rankN.log`; rank 0's progress reaches the driver's console through a
-queue (trainer/console.py), all of it with `--verbose`.
+instead (`WorkerFailures`). The workers' output goes to `runs/NAME/logs/rankN.log`; rank 0's progress reaches
+the driver's console through a queue (trainer/console.py), all of it with `--verbose`.
 """
 from __future__ import annotations
 

@@ -88,3 +88,10 @@ def samples_per_epoch(run_dir: str | Path) -> dict[int, Counter]:
         for record in trained_batches(path):
             counts.setdefault(record["epoch"], Counter()).update(record["ids"])
     return counts
+
+
+def every_sample_once(counts: dict[int, Counter], samples: int, epochs: int) -> bool:
+    """Whether `counts` (`samples_per_epoch`) holds each of the `samples` train samples exactly once in each of
+    the `epochs` epochs."""
+    return sorted(counts) == list(range(epochs)) and all(
+        sorted(count) == list(range(samples)) and set(count.values()) == {1} for count in counts.values())
