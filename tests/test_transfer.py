@@ -41,6 +41,13 @@ def test_a_share_of_the_users_trains_and_every_user_is_evaluated_as_before(tiny_
     assert written[0.5, 0][0] != written[0.5, 1][0]
 
 
+def test_the_users_attributes_come_with_the_copy(ml100k_dataset, tmp_path):
+    subsample_train_users(ml100k_dataset, tmp_path / "users0.1", 0.1, seed=0)
+    source, copy = ItemStore(ml100k_dataset), ItemStore(tmp_path / "users0.1")
+    for label in ("gender", "age", "occupation"):
+        assert np.array_equal(copy.user_attribute(label).codes, source.user_attribute(label).codes)
+
+
 def test_kept_users_is_a_seeded_cut_of_one_permutation():
     for seed in range(3):
         small, large = kept_users(100, 0.05, seed), kept_users(100, 0.5, seed)

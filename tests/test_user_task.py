@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from transrec.dataloading.item_store import ItemStore
 from transrec.launcher.cli import main
 from transrec.models import TransRec
 from transrec.trainer.console import Console
+from transrec.trainer.finetune import build_model
 from transrec.trainer.metrics import classification_metrics
 from transrec.trainer.run_dir import resolve
 from transrec.trainer.user_task import UserTask, majority_class, split_users
@@ -78,6 +80,25 @@ def test_adapters_mode_trains_only_the_patches_and_the_head(export, ml100k_datas
     assert set(record["best"]["test"]) == {"accuracy", "macro_f1"}
 
 
+def test_an_id_model_transfers_to_the_users_of_its_own_data_set_only(tmp_path, ml100k_dataset, tiny_dataset):
+    """PeterRec's setting, the same users and items and another task: there an ID table is valid; elsewhere not."""
+    export = tmp_path / "id-export"
+    model = replace(load_config(CONFIG, ["model.item_encoder=id"]).model, num_items=ItemStore(ml100k_dataset).num_items)
+    torch.manual_seed(0)
+    exported = TransRec(model)
+    exported.save_pretrained(export, dtype=torch.float32, towers_apart=True)
+    (export / "manifest.json").write_text(json.dumps({"dataset": str(ml100k_dataset)}))  # as `transrec export` does
+    cfg = resolve(load_config(CONFIG, [f"data.path={ml100k_dataset}", f"init_from={export}", *FAST]))
+
+    classifier = UserTask(cfg, "gender").classifier("full")
+
+    assert torch.equal(classifier.recommender.item_encoder.embedding.weight, exported.item_encoder.embedding.weight)
+    elsewhere = resolve(load_config(CONFIG, [f"data.path={tiny_dataset}", f"init_from={export}", *FAST]))
+    with pytest.raises(ValueError, match=f"its item table cannot transfer to new items \\(data.path {tiny_dataset}; "
+                                         f"the export was trained on {ml100k_dataset}\\)"):
+        build_model(elsewhere, ItemStore(tiny_dataset).num_items)
+
+
 def test_the_command_trains_every_mode_beside_the_majority_class(tmp_path, export, ml100k_dataset, capsys):
     argv = ["finetune", "--task", "user-attribute", "--label", "age", "--from", str(export), "--config", CONFIG,
             *[arg for value in [f"data.path={ml100k_dataset}", f"output_dir={tmp_path}", "name=age",
@@ -97,6 +118,26 @@ def test_the_command_trains_every_mode_beside_the_majority_class(tmp_path, expor
     assert list(modes) == ["adapters", "full", "scratch"]
     assert modes["adapters"]["trainable_parameters"] < modes["full"]["trainable_parameters"]
     assert modes["full"]["trainable_parameters"] == modes["full"]["parameters"] == modes["scratch"]["parameters"]
+
+
+def test_the_scratch_classifier_starts_from_the_run_configs_towers_not_the_exports(tmp_path, export, ml100k_dataset):
+    from safetensors.torch import load_file
+    from transformers import BertConfig, BertModel
+
+    body = tmp_path / "text-body"  # a "pretrained" text tower of the run config (as MiniLM is of the text presets)
+    torch.manual_seed(1)
+    BertModel(BertConfig(**load_config(CONFIG).model.text.config), add_pooling_layer=False).save_pretrained(body)
+    run = load_config(CONFIG, [f"data.path={ml100k_dataset}", f"init_from={export}", f"model.text.pretrained={body}",
+                               *FAST])
+    task = UserTask(resolve(run), "gender", resolve(replace(run, init_from="")))
+
+    def text_body(mode: str) -> dict[str, torch.Tensor]:
+        return task.classifier(mode).recommender.item_encoder.text.body.state_dict()
+
+    pretrained, exported, scratch = load_file(body / "model.safetensors"), text_body("full"), text_body("scratch")
+    assert all(torch.equal(scratch[name], pretrained[name]) for name in pretrained)
+    assert not torch.equal(exported["encoder.layer.0.attention.self.query.weight"],
+                           pretrained["encoder.layer.0.attention.self.query.weight"])
 
 
 @pytest.mark.parametrize(("dataset", "label", "message"), [

@@ -2,7 +2,9 @@
 fine-tuning from an export (`init_from`), or to load a run's checkpoint."""
 from __future__ import annotations
 
+import json
 from dataclasses import replace
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -61,6 +63,18 @@ def load_item_features(model, store) -> None:
         model.item_encoder.load_features(table, torch.from_numpy(np.array(store.modality)))
 
 
+def check_same_items(cfg: Config, item_encoder: str) -> None:
+    """A model with item IDs starts from an export only on the data set the export was trained on (as recorded
+    in its manifest.json): its item table holds that catalogue's items, in that order, and no other's (PeterRec's
+    user transfer: the same users and items, another task)."""
+    manifest = Path(cfg.init_from) / "manifest.json"
+    trained_on = json.loads(manifest.read_text()).get("dataset") if manifest.exists() else None
+    if trained_on is None or Path(trained_on).resolve() != Path(cfg.data.path).resolve():
+        raise ValueError(f"{cfg.init_from} is a model with item IDs ({item_encoder}): its item table cannot "
+                         f"transfer to new items (data.path {cfg.data.path}; the export was trained on "
+                         f"{trained_on or 'an unrecorded data set'}); fine-tune a content model instead")
+
+
 def build_model(cfg: Config, num_items: int, load_init: bool = True):
     """The run's model: random or pretrained encoders, or the `init_from` export's weights (unless `load_init`
     is False, when a checkpoint's weights come next); in adapters mode, with only the adapters trainable; in lora
@@ -69,8 +83,7 @@ def build_model(cfg: Config, num_items: int, load_init: bool = True):
 
     model_cfg = model_config(cfg, num_items)
     if cfg.init_from and "id" in model_cfg.item_encoder.split("+"):
-        raise ValueError(f"{cfg.init_from} is a model with item IDs ({model_cfg.item_encoder}): its item table cannot "
-                         f"transfer to new items")
+        check_same_items(cfg, model_cfg.item_encoder)
     if cfg.init_from and load_init:
         model = TransRec.from_pretrained(cfg.init_from, dtype=torch.float32, cfg=model_cfg)
     else:

@@ -9,7 +9,8 @@ architecture under the same head (models/user_classifier.py):
 - adapters: the export frozen, with PeterRec's model patches, the bottleneck adapters of `TransRec.add_adapters`
   (after every user-encoder layer and each tower's top `train.finetune_blocks` blocks), trained with the head;
 - full: the export, every weight trained;
-- scratch: the export's architecture at random init (towers included), every weight trained;
+- scratch: no export: the run config's own model and starting weights (its pretrained towers, MiniLM for the text
+  presets; as `transrec transfer`'s scratch), every weight trained;
 beside the train users' majority class. Each trains by cross-entropy for up to `train.epochs` epochs
 (`train.max_steps` caps the steps) at the config's learning rates and schedule; after each epoch it classifies the
 valid and test users, and reports the epoch of the best valid macro-F1 (with unbalanced classes, a classifier of
@@ -47,7 +48,7 @@ from transrec.trainer.loop import lr_factor, use_bf16, use_cuda
 from transrec.trainer.metrics import classification_metrics
 from transrec.trainer.run_dir import check_model_parts, resolve, write_run_dir
 
-# mode -> (train.finetune_mode of its recommender, whether it starts from the export's weights)
+# mode -> (train.finetune_mode of its recommender, whether it is the export's model)
 MODES = {"adapters": ("adapters", True), "full": ("full", True), "scratch": ("full", False)}
 SHARES = {"train": 0.7, "valid": 0.15, "test": 0.15}  # of each class's users
 HELD_OUT = ("valid", "test")
@@ -85,10 +86,12 @@ class LabelledUsers:
 class UserTask:
     """One attribute of a data set's users: the labelled users, their split, and a classifier's training."""
 
-    def __init__(self, cfg: Config, label: str):
-        """`cfg` resolved (run_dir.resolve: the model is the export's). A data set without the attribute fails
+    def __init__(self, cfg: Config, label: str, scratch: Config | None = None):
+        """`cfg` resolved (run_dir.resolve: the model is the export's), `scratch` the same without the export (the
+        scratch classifier's; default: the export's model at random init). A data set without the attribute fails
         here, before any model is built."""
         self.cfg = cfg
+        self.scratch = scratch or replace(cfg, init_from="")
         self.store = ItemStore(cfg.data.path)
         attribute = self.store.user_attribute(label)
         everyone = next(iter(EvalLoader(cfg.data.path, "valid", self.store.manifest["num_users"],
@@ -116,9 +119,10 @@ class UserTask:
     def classifier(self, mode: str) -> UserClassifier:
         """The classifier of `mode` (MODES), its random weights drawn from `train.seed`."""
         finetune_mode, from_export = MODES[mode]
-        cfg = replace(self.cfg, train=replace(self.cfg.train, finetune_mode=finetune_mode))
+        cfg = self.cfg if from_export else self.scratch
+        cfg = replace(cfg, train=replace(cfg.train, finetune_mode=finetune_mode))
         torch.manual_seed(cfg.train.seed)
-        recommender = build_model(cfg, self.store.num_items, load_init=from_export)
+        recommender = build_model(cfg, self.store.num_items)
         load_item_features(recommender, self.store)
         return UserClassifier(recommender, len(self.users.classes)).to(self.device)
 
@@ -212,12 +216,13 @@ def run_user_task(cfg: Config, label: str, modes: tuple[str, ...] = tuple(MODES)
                   console: Console | None = None) -> dict:
     """Trains a classifier of the users' `label` per mode (MODES) beside the majority class; writes RUN/results.json
     (after each mode) and returns it. Every input is checked before the run directory is made."""
+    scratch = resolve(replace(cfg, init_from=""))
     cfg = resolve(cfg)
     check_model_parts(cfg)
     unknown = [mode for mode in modes if mode not in MODES]
     if unknown or not modes:
         raise ValueError(f"modes: {','.join(unknown) or 'none given'}: choose from {','.join(MODES)}")
-    task = UserTask(cfg, label)
+    task = UserTask(cfg, label, scratch)
     write_run_dir(cfg)
     console = console or Console()
     results = {"name": cfg.name, "task": "user-attribute", "label": label, "classes": task.users.classes,

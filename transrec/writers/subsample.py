@@ -3,7 +3,7 @@
 Every user keeps its evaluation sequence (history, valid and test item) under the same user id, so each share
 is evaluated on the same users with the same histories; only a seeded share of them keep their training
 sequence. The kept users of a smaller share are among those of a larger one (one seeded permutation, cut at
-each share). Items, texts, images, clips and the tokenizer are the source's; popularity counts the kept training
+each share). Items, texts, images, clips, the users' attributes and the tokenizer are the source's; popularity counts the kept training
 sequences only.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from transrec.batch import IMAGE, VIDEO
-from transrec.dataloading.dataset_format import read_manifest
+from transrec.dataloading.dataset_format import USER_ATTRIBUTES, load_user_attributes, read_manifest
 from transrec.dataloading.item_store import ItemStore
 from transrec.dataloading.loader import _ShardedSequences
 from transrec.fileio import sha256_file
@@ -52,6 +52,8 @@ def subsample_train_users(src: str | Path, out: str | Path, fraction: float, see
             if sample["user"] != user:
                 raise ValueError(f"{src / 'eval'}: sample {user} is user {sample['user']}; users must be 0..N-1 in order")
             writer.add_sequence(sample["items"], train=bool(kept[user]))
+        if USER_ATTRIBUTES in manifest["files"]:  # the same users: a user-attribute task runs on the copy too
+            writer.write_user_attributes(load_user_attributes(src / USER_ATTRIBUTES))
         copied = {k: manifest[k] for k in ("image_size", "clip_frames", "seed", "domain") if k in manifest}
         return writer.commit(
             name=f"{manifest['name']}-users{fraction:g}-seed{seed}", source=manifest["source"],
