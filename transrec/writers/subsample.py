@@ -3,8 +3,8 @@
 Every user keeps its evaluation sequence (history, valid and test item) under the same user id, so each share
 is evaluated on the same users with the same histories; only a seeded share of them keep their training
 sequence. The kept users of a smaller share are among those of a larger one (one seeded permutation, cut at
-each share). Items, texts, images, clips, the users' attributes and the tokenizer are the source's; popularity counts the kept training
-sequences only.
+each share). Items, texts, images, clips, the users' attributes and the tokenizer are the source's; popularity
+counts the kept training sequences only.
 """
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def subsample_train_users(src: str | Path, out: str | Path, fraction: float, see
             if sample["user"] != user:
                 raise ValueError(f"{src / 'eval'}: sample {user} is user {sample['user']}; users must be 0..N-1 in order")
             writer.add_sequence(sample["items"], train=bool(kept[user]))
-        if USER_ATTRIBUTES in manifest["files"]:  # the same users: a user-attribute task runs on the copy too
+        if USER_ATTRIBUTES in manifest["files"]:  # the same users: their attribute tasks run on the copy too
             writer.write_user_attributes(load_user_attributes(src / USER_ATTRIBUTES))
         copied = {k: manifest[k] for k in ("image_size", "clip_frames", "seed", "domain") if k in manifest}
         return writer.commit(
