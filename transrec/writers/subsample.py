@@ -50,7 +50,8 @@ def subsample_train_users(src: str | Path, out: str | Path, fraction: float, see
         writer.write_items(records, manifest["num_items"])
         for user, sample in enumerate(_ShardedSequences(src / "eval")):
             if sample["user"] != user:
-                raise ValueError(f"{src / 'eval'}: sample {user} is user {sample['user']}; users must be 0..N-1 in order")
+                raise ValueError(f"{src / 'eval'}: sample {user} is user {sample['user']}; users must be 0..N-1 in "
+                                 f"order")
             writer.add_sequence(sample["items"], train=bool(kept[user]))
         if USER_ATTRIBUTES in manifest["files"]:  # the same users: their attribute tasks run on the copy too
             writer.write_user_attributes(load_user_attributes(src / USER_ATTRIBUTES))
