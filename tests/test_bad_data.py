@@ -131,6 +131,23 @@ def test_missing_or_corrupt_image(data, jpeg, kind, problem):
         assert item not in batch.items.ids.tolist()
 
 
+def assert_shown_blank(loader: TrainLoader, item: int, modality: str, message: str) -> None:
+    """An epoch of `loader` trains every user; each batch that holds `item` shows its image or clip as zeros (the
+    normalized mean) and one skipped record, of its kind, starting with `message`; the loader counts them."""
+    rows, content, kind = {"image": ("image_rows", "images", "blank_image"),
+                           "video": ("video_rows", "clips", "blank_clip")}[modality]
+    batches = epoch(loader)
+    assert sorted(users(batches)) == list(range(120))
+    blanked = 0
+    for batch in batches:
+        ids = batch.items.ids[getattr(batch.items, rows)].tolist()
+        if item in ids:
+            assert not getattr(batch.items, content)[ids.index(item)].any()
+            assert [r.kind for r in batch.skipped] == [kind] and str(batch.skipped[0]).startswith(message)
+            blanked += 1
+    assert blanked > 0 and loader.skipped[kind] == blanked
+
+
 @pytest.mark.parametrize("policy", ["skip", "stop"])
 def test_image_that_does_not_decode_is_blanked_and_counted(data, policy):
     """A JPEG whose start is fine but whose body is cut: only decoding finds it, mid-epoch; no crash."""
@@ -139,18 +156,8 @@ def test_image_that_does_not_decode_is_blanked_and_counted(data, policy):
     set_content(data, item, (data / "items" / "images.bin").read_bytes()[offsets[item]:offsets[item] + 60])
     loader = make_loader(data, policy, decoder=ImageDecoder(16, backend="dali"), workers=1)
     assert loader.found == {}
-    batches = epoch(loader)
-    assert sorted(users(batches)) == list(range(120))
-    blanked = 0
-    for batch in batches:
-        ids = batch.items.ids[batch.items.image_rows].tolist()
-        if item in ids:
-            assert not batch.items.images[ids.index(item)].any()  # zeros: the normalized mean image
-            assert [r.kind for r in batch.skipped] == ["blank_image"]
-            assert str(batch.skipped[0]).startswith(
-                f"{data / 'items' / 'images.bin'}: item {item}: cannot decode its image (60 bytes): ")
-            blanked += 1
-    assert blanked > 0 and loader.skipped["blank_image"] == blanked
+    assert_shown_blank(loader, item, "image",
+                       f"{data / 'items' / 'images.bin'}: item {item}: cannot decode its image (60 bytes): ")
 
 
 def test_evaluation_shows_a_bad_image_blank(data):
