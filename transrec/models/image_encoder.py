@@ -5,7 +5,6 @@ import re
 from typing import NamedTuple
 
 import safetensors.torch
-import timm
 import torch
 from torch import nn
 
@@ -52,6 +51,8 @@ class ImageItemEncoder(nn.Module):
 
     def __init__(self, cfg: ImageEncoderConfig, dim: int):
         super().__init__()
+        import timm  # (here, not at the top: a model without images never pays its seconds of import)
+
         self.body = timm.create_model(cfg.name, pretrained=False, num_classes=0, **cfg.kwargs)
         self.pretrained = bool(cfg.weights)  # pretrained weights train at encoder_lr, random ones at lr
         if cfg.weights:

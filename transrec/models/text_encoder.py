@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModel, PreTrainedModel
 
 from transrec.config import TextEncoderConfig
 from transrec.dataloading import resolve_pretrained_path
@@ -21,10 +20,13 @@ from transrec.models.text_families import TEXT_FAMILIES, TextFamily
 
 if TYPE_CHECKING:
     from peft import PeftConfig
+    from transformers import PreTrainedModel
 
 
 def _load_body(cfg: TextEncoderConfig) -> tuple[PreTrainedModel, TextFamily]:
     """The transformers model (pretrained weights, or random ones from `cfg.config`) and its family's runner."""
+    from transformers import AutoConfig, AutoModel  # (here: a model without text never pays its seconds of import)
+
     if cfg.pretrained:
         path = resolve_pretrained_path(cfg.pretrained)
         hf_config = AutoConfig.from_pretrained(path)

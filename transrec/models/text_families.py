@@ -9,11 +9,15 @@ model's own forward in tests/test_text_families.py.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
-from transformers import PretrainedConfig, PreTrainedModel
 
 from transrec.registry import Registry
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedModel
 
 
 class TextFamily:
