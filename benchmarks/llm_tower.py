@@ -90,7 +90,8 @@ def peak_rss_per_rank(done: threading.Event) -> list[float]:
             with contextlib.suppress(psutil.NoSuchProcess):
                 for rank in agent.children():
                     with contextlib.suppress(psutil.NoSuchProcess):
-                        peaks[rank.pid] = max(peaks.get(rank.pid, 0), rank.memory_info().rss)
+                        if "transrec.trainer.torchrun_entry" in rank.cmdline():  # (not a helper the agent ran)
+                            peaks[rank.pid] = max(peaks.get(rank.pid, 0), rank.memory_info().rss)
     return [round(peaks[pid] / GIB, 2) for pid in sorted(peaks)]
 
 
