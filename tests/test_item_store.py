@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import pickle
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -66,6 +67,8 @@ def test_item_batch_splits_by_modality_and_decodes(tiny_dataset):
     np.testing.assert_array_equal(batch.input_ids.numpy(), store.tokens(ids[batch.text_rows.numpy()])[0])
     assert batch.images.shape == (len(batch.image_rows), 3, 24, 24)
     assert store.item_batch(ids).images is None and len(store.item_batch(ids).jpegs) == len(batch.image_rows)
+    # the ids index this data set's catalogue, which the batch names (a tower's cache is per catalogue)
+    assert batch.catalogue == batch.select(torch.tensor([1, 0])).catalogue == str(Path(tiny_dataset).resolve())
 
 
 def test_modes_route_every_row_to_one_encoder(tiny_dataset):

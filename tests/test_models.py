@@ -223,6 +223,29 @@ def test_cached_frozen_layers_give_identical_loss_and_grads_and_compute_each_ite
     assert sum(plain_rows) > sum(cached_rows) >= computed  # new negatives may add items on step 2
 
 
+@pytest.mark.parametrize("tower", ["text", "image"])
+def test_a_cached_tower_encodes_the_same_ids_of_another_catalogue_afresh(tower):
+    """An id means an item of one catalogue: the same ids in another data set (a transfer's target, say) are other
+    items, whose frozen-part outputs the cache must not answer with."""
+    image = ImageEncoderConfig(name="resnet18", kwargs=dict(TINY_RESNET), image_size=32, trainable_blocks=2)
+
+    def model(cache: bool) -> TransRec:
+        torch.manual_seed(0)
+        cfg = model_config(image=image)
+        caching = dataclasses.replace(getattr(cfg, tower), cache_frozen=cache)
+        return TransRec(dataclasses.replace(cfg, **{tower: caching}))
+
+    cached, plain = model(cache=True).eval(), model(cache=False).eval()
+    source = dataclasses.replace(item_batch(list(range(8))), catalogue="data/source")
+    other_content = ({"input_ids": source.input_ids + source.attention_mask} if tower == "text"
+                     else {"images": -source.images})
+    target = dataclasses.replace(source, **other_content, catalogue="data/target")
+    with torch.no_grad():
+        cached.encode_items(source)
+        assert torch.equal(cached.encode_items(target), plain.encode_items(target))
+        assert torch.equal(cached.encode_items(source), plain.encode_items(source))
+
+
 def test_image_cache_refuses_a_backbone_that_does_not_run_its_children_in_order():
     vit = ImageEncoderConfig(name="vit_tiny_patch16_224", kwargs=dict(TINY_VIT), image_size=32, trainable_blocks=1, cache_frozen=True)
     with pytest.raises(ValueError, match="vit_tiny_patch16_224.*does not run as its stem, blocks and head in order"):

@@ -28,6 +28,7 @@ class ItemBatch:
     frame_indices: torch.Tensor | None = None
     clips: torch.Tensor | None = None  # float [Uv, K, 3, H, W], normalized; None until decoded
     encoded_clips: list[np.ndarray] | None = None  # the video items' clips (WebM bytes), before decoding
+    catalogue: str = ""  # the item store that `ids` index (its directory): an id means an item of this one only
 
     def to(self, device: torch.device | str) -> "ItemBatch":
         return _to(self, device)
@@ -58,7 +59,7 @@ class ItemBatch:
             attention_mask=attention_mask[:, :width], image_rows=image_rows,
             images=pick(self.images, image_index), jpegs=pick(self.jpegs, image_index), video_rows=video_rows,
             frame_indices=pick(self.frame_indices, video_index), clips=pick(self.clips, video_index),
-            encoded_clips=pick(self.encoded_clips, video_index),
+            encoded_clips=pick(self.encoded_clips, video_index), catalogue=self.catalogue,
         )
 
 

@@ -192,6 +192,7 @@ class ItemStore:
             jpegs=[self.jpeg(i) for i in ids[image_rows]],
             video_rows=torch.from_numpy(video_rows),
             encoded_clips=[self.clip(i) for i in ids[video_rows]],
+            catalogue=str(self.root.resolve()),
         )
         for modality, error in self.decode(items, decoder, video_decoder):
             log.warning("%s: %s; shown blank", self.content_file(modality), error)

@@ -23,3 +23,6 @@ class FrozenOutputCache:
             for row, output in zip(missing, compute(missing)):
                 self.outputs[ids[row]] = output.clone()
         return [self.outputs[item] for item in ids]
+
+    def clear(self) -> None:
+        self.outputs.clear()

@@ -10,6 +10,7 @@ from torch import nn
 
 from transrec.config import ModelConfig
 from transrec.batch import IMAGE, TEXT, ItemBatch
+from transrec.models.frozen_cache import FrozenOutputCache
 from transrec.models.image_encoder import ImageItemEncoder
 from transrec.models.text_encoder import TextItemEncoder
 from transrec.models.video_encoder import VideoItemEncoder
@@ -57,8 +58,13 @@ class MoMItemEncoder(nn.Module):
         visual = {"image", "video"} & set(self.modalities)  # a video's frames are images
         self.image = ImageItemEncoder(cfg.image, cfg.dim) if visual else None
         self.video = VideoItemEncoder(cfg) if "video" in self.modalities else None
+        self.catalogue = ""  # that of the items the frozen-part caches hold
 
     def forward(self, items: ItemBatch) -> torch.Tensor:
+        if items.catalogue != self.catalogue:  # the caches key items by id, and an id means one catalogue's item
+            for cache in self.frozen_caches():
+                cache.clear()
+            self.catalogue = items.catalogue
         parts: list[tuple[torch.Tensor, torch.Tensor]] = []
         if self.text is not None:
             parts.append((items.text_rows, self.text(items.input_ids, items.attention_mask, items.ids[items.text_rows])))
@@ -84,6 +90,10 @@ class MoMItemEncoder(nn.Module):
         for rows, part in parts:
             vectors = vectors.index_copy(0, rows, part.to(vectors.dtype))
         return vectors
+
+    def frozen_caches(self) -> list[FrozenOutputCache]:
+        caches = [tower.frozen_cache for tower in (self.text, self.image) if tower is not None]
+        return caches + ([self.video.frame_cache] if self.video is not None else [])
 
     @property
     def feature_width(self) -> int:
