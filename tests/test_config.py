@@ -11,9 +11,9 @@ def write(tmp_path, text):
 
 def test_yaml_and_dotted_overrides_fill_typed_sections(tmp_path):
     path = write(tmp_path, "name: a\ntrain: {epochs: 3, lr: 1}\nmodel: {text: {trainable_blocks: 1}}\n")
-    cfg = load_config(path, ["train.zero_stage=3", "eval.ks=[1, 5]", "model.text.config.hidden_size=16"])
+    cfg = load_config(path, ["train.zero_stage=3", "eval.ks=[1, 10]", "model.text.config.hidden_size=16"])
     assert isinstance(cfg, Config)
-    assert (cfg.name, cfg.train.epochs, cfg.train.zero_stage, cfg.eval.ks) == ("a", 3, 3, [1, 5])
+    assert (cfg.name, cfg.train.epochs, cfg.train.zero_stage, cfg.eval.ks) == ("a", 3, 3, [1, 10])
     assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)  # an int is a valid float
     assert cfg.model.text.trainable_blocks == 1 and cfg.model.text.config == {"hidden_size": 16}
     assert cfg.model.image.name == "resnet18"  # untouched defaults stay
@@ -84,6 +84,8 @@ def test_presets_ship_in_the_package_and_load_by_name(tmp_path):
     ("train.lora_r=0", r"train\.lora_r must be > 0, got 0"),
     ("train.lora_dropout=1.0", r"train\.lora_dropout must be in \[0, 1\), got 1\.0"),
     ("train.finetune_blocks=0", r"train\.finetune_mode lora needs train\.finetune_blocks != 0"),
+    ("eval.select_metric=ndcg@7", r"eval\.select_metric must be a metric of eval\.ks \(hr@5, hr@10, hr@20, ndcg@5, "
+                                  r"ndcg@10, ndcg@20\), got 'ndcg@7'"),
     ("train.offload_params=true", r"train\.offload_params needs train\.zero_stage 3 \(the stage that partitions parameters\), not 2"),
 ])
 def test_bad_values_name_their_key_when_the_config_loads(tmp_path, override, message):

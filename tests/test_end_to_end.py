@@ -113,6 +113,7 @@ def test_bad_input_is_one_line_naming_the_key_before_any_cluster_starts(tmp_path
         "model.user_encoder=nope": "model.user_encoder: unknown user encoder 'nope'; known: ",
         f"data.path={tmp_path / 'nonexistent'}": "nonexistent/manifest.json: missing",
         "train.batch_size=5": "train.batch_size 5 is not a multiple of users_per_sample=8",
+        "eval.select_metric=ndcg@7": "eval.select_metric must be a metric of eval.ks (hr@5, hr@10, hr@20, ndcg@5,",
     }
     for override, message in cases.items():
         sets = [f"output_dir={tmp_path}", f"name={preset}", f"data.path={tiny_dataset}", override]
@@ -121,3 +122,16 @@ def test_bad_input_is_one_line_naming_the_key_before_any_cluster_starts(tmp_path
         assert code == 2 and err.count("\n") == 0 and message in err, (override, err)
         assert err.startswith("transrec pretrain: error: ")
     assert not (tmp_path / preset).exists()  # nothing written
+
+
+def test_missing_tower_weights_are_named_before_any_cluster_starts(tmp_path, tiny_dataset, capsys, monkeypatch):
+    monkeypatch.setattr("transrec.cluster.launch.train_on_cluster", lambda cfg: pytest.fail("reached the cluster"))
+    missing = tmp_path / "missing"
+    cases = {"model.text.pretrained": f"model.text.pretrained: pretrained model '{missing}': not 'minilm' and not a",
+             "model.image.weights": f"model.image.weights: {missing} is not a file"}
+    for key, message in cases.items():
+        sets = [f"output_dir={tmp_path}", f"data.path={tiny_dataset}", f"{key}={missing}"]
+        code = main(["pretrain", "--config", "tiny", *(arg for item in sets for arg in ("--set", item))])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and err.count("\n") == 0 and message in err, (key, err)
+    assert not (tmp_path / "tiny").exists()

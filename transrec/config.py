@@ -378,6 +378,10 @@ def validate(cfg: Config, origin: str = "config") -> Config:
         raise ConfigError(f"{origin}: train.finetune_mode lora needs train.finetune_blocks != 0 (the layers it adapts)")
     if not cfg.eval.ks or min(cfg.eval.ks) <= 0:
         raise ConfigError(f"{origin}: eval.ks must be one or more cut-offs > 0, got {cfg.eval.ks!r}")
+    evaluated = [f"{metric}@{k}" for metric in ("hr", "ndcg") for k in cfg.eval.ks]
+    if cfg.eval.select_metric not in evaluated:  # (found missing at the first evaluation otherwise, an epoch in)
+        raise ConfigError(f"{origin}: eval.select_metric must be a metric of eval.ks ({', '.join(evaluated)}), got "
+                          f"{cfg.eval.select_metric!r}")
     for tower in ("text", "image"):
         if getattr(model, tower).cache_frozen and cfg.train.zero_stage == 3:
             # ZeRO-3 gathers parameters collectively: every rank must run the frozen layers on every step

@@ -8,6 +8,7 @@ from pathlib import Path
 import yaml
 
 from transrec.config import Config, ConfigError, load_config, validate
+from transrec.dataloading import resolve_pretrained_path
 from transrec.dataloading.dataset_format import read_manifest
 from transrec.models.transrec import read_export_config
 from transrec.trainer.checkpoint_store import run_checkpoints
@@ -40,6 +41,15 @@ def check_model_parts(cfg: Config) -> None:
             registry.get(getattr(cfg.model, key))
         except KeyError as err:
             raise ConfigError(f"model.{key}: {err.args[0]}") from None
+    towers = set(getattr(ITEM_ENCODERS.get(cfg.model.item_encoder), "modalities", ()))
+    text, image = cfg.model.text, cfg.model.image
+    if "text" in towers and text.pretrained:
+        try:
+            resolve_pretrained_path(text.pretrained)
+        except FileNotFoundError as err:
+            raise ConfigError(f"model.text.pretrained: {err}") from None
+    if towers & {"image", "video"} and image.weights and not Path(image.weights).is_file():
+        raise ConfigError(f"model.image.weights: {image.weights} is not a file (a safetensors state dict)")
 
 
 def check_dataset(cfg: Config) -> None:
