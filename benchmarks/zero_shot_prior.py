@@ -20,12 +20,10 @@ import numpy as np
 import torch
 
 from transrec.config import load_config
-from transrec.dataloading.images import ImageDecoder
 from transrec.dataloading.item_store import ItemStore
 from transrec.dataloading.loader import EvalLoader
-from transrec.dataloading.videos import VideoDecoder
 from transrec.models import TransRec
-from transrec.trainer.evaluate import encode_catalogue, evaluate_splits
+from transrec.trainer.evaluate import encode_data_set, evaluate_splits
 
 WEIGHTS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
 RIDGE = (1.0, 100.0, 10_000.0)
@@ -53,14 +51,8 @@ def main() -> None:
     source_path = json.loads((args.export / "manifest.json").read_text())["dataset"]
     device = torch.device("cpu")
 
-    def catalogue(path: str) -> tuple[ItemStore, torch.Tensor]:
-        store = ItemStore(path)
-        decoder = ImageDecoder(model.cfg.image.image_size, cfg.data.image_decoder)
-        videos = VideoDecoder(model.cfg.image.image_size, model.cfg.video.frames, cfg.data.video_decoder)
-        return store, encode_catalogue(model, store, decoder, cfg.eval.item_batch_size, device, model.item_mode,
-                                       videos)
-
-    (source, source_vectors), (target, target_vectors) = catalogue(source_path), catalogue(args.data)
+    source, target = ItemStore(source_path), ItemStore(args.data)
+    source_vectors, target_vectors = (encode_data_set(model, store, cfg, device) for store in (source, target))
     loaders = {split: EvalLoader(args.data, split, cfg.eval.batch_size, model.cfg.max_seq_len, 0, 1)
                for split in ("valid", "test")}
 
@@ -69,20 +61,20 @@ def main() -> None:
         return {split: metrics["ndcg@10"] for split, metrics in results.items()}
 
     x = source_vectors.double().numpy()
-    mean, y = x.mean(0), log_popularity(source)
+    mean, y, target_popularity = x.mean(0), log_popularity(source), log_popularity(target)
+    centred, target_centred = x - mean, target_vectors.double().numpy() - mean
     rows = [("zero-shot", "-", ndcg(None))]
     learned = []
     for strength in RIDGE:
-        centred = x - mean
         coef = np.linalg.solve(centred.T @ centred + strength * np.eye(x.shape[1]), centred.T @ (y - y.mean()))
-        predicted = (target_vectors.double().numpy() - mean) @ coef
-        correlation = spearman(predicted, log_popularity(target))
+        predicted = target_centred @ coef
+        correlation = spearman(predicted, target_popularity)
         for weight in WEIGHTS:
             learned.append((f"ridge {strength:g}, w {weight:g}, Spearman on the target {correlation:.2f}",
                             ndcg(weight * standardized(predicted))))
     label, scores = max(learned, key=lambda row: row[1]["valid"])
     rows.append(("zero-shot + prior learned from content on the source", label, scores))
-    own = [(f"w {w:g}", ndcg(w * standardized(log_popularity(target)))) for w in WEIGHTS]
+    own = [(f"w {w:g}", ndcg(w * standardized(target_popularity))) for w in WEIGHTS]
     label, scores = max(own, key=lambda row: row[1]["valid"])
     rows.append(("zero-shot + the target's own train popularity (not zero-shot)", label, scores))
     print("| scores | chosen on valid | valid NDCG@10 | test NDCG@10 |\n|---|---|---|---|")

@@ -60,6 +60,7 @@ class ItemStore:
     def __init__(self, root: str | Path, verify: str = "full", unverified: tuple[str, ...] = (),
                  tolerate: tuple[str, ...] = ()):
         self.root = Path(root)
+        self.catalogue = str(self.root.resolve())  # what an ItemBatch's ids index (towers cache per catalogue)
         self.manifest = read_manifest(self.root)
         self.file_problems: dict[str, str] = {}
         for relpath, problem in file_problems(self.root, self.manifest, mode=verify, skip=unverified):
@@ -192,7 +193,7 @@ class ItemStore:
             jpegs=[self.jpeg(i) for i in ids[image_rows]],
             video_rows=torch.from_numpy(video_rows),
             encoded_clips=[self.clip(i) for i in ids[video_rows]],
-            catalogue=str(self.root.resolve()),
+            catalogue=self.catalogue,
         )
         for modality, error in self.decode(items, decoder, video_decoder):
             log.warning("%s: %s; shown blank", self.content_file(modality), error)

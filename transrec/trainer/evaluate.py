@@ -96,13 +96,21 @@ def evaluate_popularity(popularity: np.ndarray, loader, ks: list[int]) -> dict[s
     return means(all_reduce_values(sums))
 
 
+def encode_data_set(model, store, cfg, device: torch.device) -> torch.Tensor:
+    """encode_catalogue in one process, with the image and video decoders that `cfg.data` and the model ask for."""
+    from transrec.dataloading.images import ImageDecoder
+    from transrec.dataloading.videos import VideoDecoder
+
+    decoder = ImageDecoder(model.cfg.image.image_size, cfg.data.image_decoder)
+    video_decoder = VideoDecoder(model.cfg.image.image_size, model.cfg.video.frames, cfg.data.video_decoder)
+    return encode_catalogue(model, store, decoder, cfg.eval.item_batch_size, device, model.item_mode, video_decoder)
+
+
 def evaluate_model(model, data_path: str, cfg, splits=("valid", "test"), device: torch.device | None = None,
                    prior_weights: tuple[float, ...] = ()) -> dict:
     """One-process evaluation of a plain (non-DeepSpeed) model on a prepared dataset: metrics per split; for each
     of `prior_weights` w, also with w x the data set's log popularity added to every score (`prior{w:g}`)."""
-    from transrec.dataloading.images import ImageDecoder
     from transrec.dataloading.item_store import ItemStore
-    from transrec.dataloading.videos import VideoDecoder
     from transrec.dataloading.loader import EvalLoader
     from transrec.trainer.finetune import load_item_features
 
@@ -110,10 +118,7 @@ def evaluate_model(model, data_path: str, cfg, splits=("valid", "test"), device:
     model = model.to(device).eval()
     store = ItemStore(data_path)
     load_item_features(model, store)
-    decoder = ImageDecoder(model.cfg.image.image_size, cfg.data.image_decoder)
-    video_decoder = VideoDecoder(model.cfg.image.image_size, model.cfg.video.frames, cfg.data.video_decoder)
-    item_vecs = encode_catalogue(model, store, decoder, cfg.eval.item_batch_size, device, model.item_mode,
-                                 video_decoder)
+    item_vecs = encode_data_set(model, store, cfg, device)
     loaders = {split: EvalLoader(data_path, split, cfg.eval.batch_size, model.cfg.max_seq_len, 0, 1)
                for split in splits}
     results = evaluate_splits(model, item_vecs, loaders, cfg.eval.ks, device)
