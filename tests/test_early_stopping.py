@@ -1,5 +1,5 @@
-"""Early stopping: a run stops at the evaluation where `train.patience` evaluations have gone by without a better
-valid metric; the best checkpoint survives pruning and is what export and evaluate take by default."""
+"""Early stopping: a run stops at the evaluation where `train.patience` evaluations (and `train.patience_steps`
+optimizer steps) have gone by without a better valid metric; the best checkpoint survives pruning and is what export and evaluate take by default."""
 from __future__ import annotations
 
 import json
@@ -36,3 +36,10 @@ def test_patience_stops_at_the_right_evaluation_and_the_best_survives_pruning(tm
     assert result.returncode == 0, result.stderr[-3000:]
     resumed = json.loads((run / "results.json").read_text())
     assert resumed["stopped"] == "patience" and resumed["epochs"] == 4 and resumed["best"] == results["best"]
+
+    # and with a floor of 5 epochs' steps since the best (epoch 1), it goes on to epoch 6
+    steps_per_epoch = results["best"]["step"]
+    result = launch(1, CONFIG, sets + ["train.patience=3", f"train.patience_steps={5 * steps_per_epoch}"], resume=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    floored = json.loads((run / "results.json").read_text())
+    assert floored["stopped"] == "patience" and floored["epochs"] == 6 and floored["best"] == results["best"]

@@ -203,8 +203,10 @@ def test_a_data_error_in_a_worker_stops_the_run_instead_of_restarting_it(cluster
     shown = out.getvalue()
     assert (f"transrec pretrain: error: {bad / 'eval'}: sample 5 (user 5) has item 999, outside the catalogue's 40 "
             f"items") in shown.splitlines() and "Traceback" not in shown, shown[-3000:]
-    for rank in (0, 1):  # one attempt: each rank started once
-        assert len(attempts(tmp_path / "bad" / "samples" / f"rank{rank}.jsonl")) == 1
+    # One attempt: rank 1 (which holds sample 5) started once; rank 0 may be stopped before it records its start.
+    samples = tmp_path / "bad" / "samples"
+    assert len(attempts(samples / "rank1.jsonl")) == 1
+    assert not (samples / "rank0.jsonl").exists() or len(attempts(samples / "rank0.jsonl")) == 1
 
 
 def test_unwritable_checkpoint_storage_fails_at_start(data, tmp_path, capsys):

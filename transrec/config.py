@@ -132,6 +132,9 @@ class TrainConfig:
     lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
     # stop after this many evaluations without a better valid eval.select_metric; 0 = run every epoch
     patience: int = 0
+    # and at least this many optimizer steps since the best: a small data set takes a few steps per epoch, so
+    # `patience` evaluations alone would stop it after a few dozen noisy steps; 0 = evaluations only
+    patience_steps: int = 0
     grad_clip: float = 1.0
     zero_stage: Literal[0, 1, 2, 3] = 2
     # each distinct item of the global batch encoded once, by one rank, its vector shared with all (in-batch
@@ -327,6 +330,7 @@ RANGES = [
     ("train.max_steps", lambda v: v >= 0, ">= 0"), ("train.batch_size", lambda v: v > 0, "> 0"),
     ("train.lr", lambda v: v >= 0, ">= 0"), ("train.encoder_lr", lambda v: v >= 0, ">= 0"),
     ("train.warmup_steps", lambda v: v >= 0, ">= 0"), ("train.patience", lambda v: v >= 0, ">= 0"),
+    ("train.patience_steps", lambda v: v >= 0, ">= 0"),
     ("train.checkpoint_every", lambda v: v >= 0, ">= 0"), ("train.keep_checkpoints", lambda v: v > 0, "> 0"),
     ("train.log_every", lambda v: v > 0, "> 0"), ("eval.every_epochs", lambda v: v >= 0, ">= 0"),
     ("eval.batch_size", lambda v: v > 0, "> 0"), ("eval.item_batch_size", lambda v: v > 0, "> 0"),

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from transrec.config import Config
+from transrec.config import Config, TrainConfig
 from transrec.trainer import checkpoint
 from transrec.trainer.audit import SampleAudit
 from transrec.trainer.checkpoint_store import run_checkpoints
@@ -122,6 +122,12 @@ class TrainState:
     seconds: float = 0.0  # training wall time so far, over every process that worked on the run
     epoch_positions: int = 0  # target positions trained in this epoch (all ranks)
     stopped: str = ""  # why the run ended: epochs | max_steps | patience (Trainer.stop_reason)
+
+
+def patience_spent(cfg: TrainConfig, state: TrainState) -> bool:
+    """`patience` evaluations and `patience_steps` optimizer steps have gone by since the best valid metric."""
+    return bool(cfg.patience and state.best and state.evaluations_since_best >= cfg.patience
+                and state.step - state.best["step"] >= cfg.patience_steps)
 
 
 class Trainer:
@@ -244,7 +250,7 @@ class Trainer:
             return "epochs"
         if cfg.max_steps and state.step >= cfg.max_steps:
             return "max_steps"
-        if cfg.patience and state.evaluations_since_best >= cfg.patience:
+        if patience_spent(cfg, state):
             return "patience"
         return ""
 
@@ -317,7 +323,7 @@ class Trainer:
             state.best, state.evaluations_since_best = record, 0
         else:
             state.evaluations_since_best += 1
-            if cfg.train.patience and state.evaluations_since_best >= cfg.train.patience:
+            if patience_spent(cfg.train, state):
                 state.stopped = "patience"
         self.log.write({"kind": "eval", **record})
 
