@@ -27,9 +27,8 @@ class _EncodeItems:
         import torch
 
         from transrec.config import from_dict
-        from transrec.dataloading.images import ImageDecoder
         from transrec.dataloading.item_store import ItemStore
-        from transrec.dataloading.videos import VideoDecoder
+        from transrec.dataloading.videos import item_decoders
 
         torch.set_num_threads(threads)
         cfg = from_dict(Config, cfg_dict, "features config")
@@ -37,8 +36,7 @@ class _EncodeItems:
         model = build_towers(cfg, export).to(self.device).eval()
         self.encoder, self.mode = model.item_encoder, model.item_mode
         self.store = ItemStore(data_path)
-        self.decoder = ImageDecoder(model.cfg.image.image_size, cfg.data.image_decoder)
-        self.video_decoder = VideoDecoder(model.cfg.image.image_size, model.cfg.video.frames, cfg.data.video_decoder)
+        self.decoder, self.video_decoder = item_decoders(model.cfg, cfg.data)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         (start,), (stop,) = batch["start"], batch["stop"]  # one range per call (batch_size=1)

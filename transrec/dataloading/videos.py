@@ -15,7 +15,7 @@ import torch
 
 from transrec.dataloading.decoding import DaliRunner, DecodeError, resized_and_normalized
 from transrec.dataloading.decoding import decode_or_blank as _decode_or_blank
-from transrec.dataloading.images import normalized_pixels
+from transrec.dataloading.images import ImageDecoder, normalized_pixels
 
 BACKENDS = ("auto", "dali", "pyav")
 
@@ -121,3 +121,11 @@ def decode_or_blank(decoder: VideoDecoder, clips: list[np.ndarray], frame_indice
     return _decode_or_blank(lambda rows: decoder.decode([clips[r] for r in rows], frame_indices[rows],
                                                         [ids[r] for r in rows]),
                             lambda row: _frames(clips[row], frame_indices[row], ids[row]), len(clips))
+
+
+def item_decoders(model_cfg, data_cfg) -> tuple[ImageDecoder, VideoDecoder]:
+    """The decoders of a model's image and video items, at its image size and frame count, with the backends
+    that `data_cfg` (config.DataConfig) names."""
+    size = model_cfg.image.image_size
+    return (ImageDecoder(size, data_cfg.image_decoder),
+            VideoDecoder(size, model_cfg.video.frames, data_cfg.video_decoder))

@@ -98,11 +98,9 @@ def evaluate_popularity(popularity: np.ndarray, loader, ks: list[int]) -> dict[s
 
 def encode_data_set(model, store, cfg, device: torch.device) -> torch.Tensor:
     """encode_catalogue in one process, with the image and video decoders that `cfg.data` and the model ask for."""
-    from transrec.dataloading.images import ImageDecoder
-    from transrec.dataloading.videos import VideoDecoder
+    from transrec.dataloading.videos import item_decoders
 
-    decoder = ImageDecoder(model.cfg.image.image_size, cfg.data.image_decoder)
-    video_decoder = VideoDecoder(model.cfg.image.image_size, model.cfg.video.frames, cfg.data.video_decoder)
+    decoder, video_decoder = item_decoders(model.cfg, cfg.data)
     return encode_catalogue(model, store, decoder, cfg.eval.item_batch_size, device, model.item_mode, video_decoder)
 
 

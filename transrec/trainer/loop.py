@@ -132,8 +132,7 @@ def patience_spent(cfg: TrainConfig, state: TrainState) -> bool:
 
 class Trainer:
     def __init__(self, cfg: Config, console: Console | None = None):
-        from transrec.dataloading.images import ImageDecoder
-        from transrec.dataloading.videos import VideoDecoder
+        from transrec.dataloading.videos import item_decoders
         from transrec.dataloading.dataset_format import read_manifest
         from transrec.dataloading.loader import EvalLoader, TrainLoader
         from transrec.models.negatives import ItemVectorBank
@@ -155,8 +154,7 @@ class Trainer:
         # fp32 statistics fails. The optimizer keeps fp32 master weights either way.
         model.to(self.dtype)
         self.mode = model.item_mode
-        self.decoder = ImageDecoder(model.cfg.image.image_size, cfg.data.image_decoder)
-        self.video_decoder = VideoDecoder(model.cfg.image.image_size, model.cfg.video.frames, cfg.data.video_decoder)
+        self.decoder, self.video_decoder = item_decoders(model.cfg, cfg.data)
         self.loader = TrainLoader(cfg.data, cfg.data.path, batch_size=cfg.train.batch_size,
                                   max_seq_len=model.cfg.max_seq_len,
                                   num_negatives=cfg.data.num_negatives if model.cfg.loss == "bce" else 0,

@@ -39,7 +39,7 @@ from transrec.dataloading.dataset_format import UNKNOWN_CLASS
 from transrec.dataloading.images import ImageDecoder
 from transrec.dataloading.item_store import ItemStore
 from transrec.dataloading.loader import EvalLoader
-from transrec.dataloading.videos import VideoDecoder
+from transrec.dataloading.videos import VideoDecoder, item_decoders
 from transrec.models.user_classifier import UserClassifier
 from transrec.trainer.console import Console
 from transrec.trainer.evaluate import encode_catalogue
@@ -128,9 +128,7 @@ class UserTask:
 
     def decoders(self, recommender) -> tuple[ImageDecoder, VideoDecoder]:
         """The decoders of the recommender's image and video items (clips' frames sampled evenly)."""
-        size = recommender.cfg.image.image_size
-        return (ImageDecoder(size, self.cfg.data.image_decoder),
-                VideoDecoder(size, recommender.cfg.video.frames, self.cfg.data.video_decoder))
+        return item_decoders(recommender.cfg, self.cfg.data)
 
     def history_vectors(self, recommender, decoders: tuple[ImageDecoder, VideoDecoder], history: torch.Tensor
                         ) -> torch.Tensor:
