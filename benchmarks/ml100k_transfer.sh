@@ -4,7 +4,9 @@
 # Pretrains the end-to-end text model (ml100k-text preset) on a, exports it, then runs `transrec transfer` on b:
 # popularity, zero-shot, two-stage, fine-tuned, top-k, adapters and scratch against the share of b's
 # training users kept, 3 seeds each. Writes runs/transfer-SPLIT/report.md and report.png.
-# Usage: bash benchmarks/ml100k_transfer.sh [genre|random ...]   (FRACTIONS="0.1,0.25,1" SEEDS=3 METHODS=...)
+# Usage: bash benchmarks/ml100k_transfer.sh [genre|random ...]   (FRACTIONS="0.1,0.25,1" SEEDS=3 METHODS=...
+#        SETS="train.patience_steps=60 train.lr=0.001": overrides for every run of the study;
+#        SUFFIX=-steps60: the study goes to runs/transfer-SPLIT-steps60)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . .venv/bin/activate
@@ -24,6 +26,8 @@ for split in ${*:-genre random}; do
     transrec pretrain --config ml100k-text --set name="ml100k-$split-a" --set data.path="data/ml-100k-$split-a"
     transrec export --run "runs/ml100k-$split-a" --out "exports/ml100k-$split-a"
   fi
+  sets=()
+  for item in ${SETS:-}; do sets+=(--set "$item"); done
   transrec transfer --from "exports/ml100k-$split-a" --data "data/ml-100k-$split-b" --config ml100k-text \
-    --fractions "$FRACTIONS" --seeds "$SEEDS" --methods "$METHODS" --out "runs/transfer-$split"
+    "${sets[@]}" --fractions "$FRACTIONS" --seeds "$SEEDS" --methods "$METHODS" --out "runs/transfer-$split${SUFFIX:-}"
 done
