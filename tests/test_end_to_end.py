@@ -84,6 +84,9 @@ def test_pretrain_checkpoint_export_reload_finetune(tmp_path, ray_cluster, capfd
     # each cell is its run's own result
     assert cells[7][4].startswith(f"{fine['best']['test/ndcg@10']:.4f} ± 0.0000")
     assert cells[3][4].startswith(f"{half['best']['test/ndcg@10']:.4f} ± 0.0000")
+    assert cells[7][5] == f"{fine['best']['valid/ndcg@10']:.4f} ± 0.0000"  # the valid metric the row was chosen at
+    assert report[0].startswith(f"Study: `--from {export_dir} --data {target} --config {CONFIG}`")
+    assert "`--set train.max_steps=3`" in report[0]  # the overrides every run of the study had
     prior = json.loads((study / "runs" / "zero-shot+popularity-users1-seed0" / "results.json").read_text())
     by_weight = prior["valid_by_prior_weight"]  # the weight is chosen on valid
     assert prior["prior_weight"] == float(max(by_weight, key=by_weight.get))

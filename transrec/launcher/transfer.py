@@ -10,11 +10,11 @@ the same histories) and each seed, it runs on the cluster (the embedded one unle
 - two-stage: the export's towers frozen, the projections and the user encoder trained;
 - fine-tuned: every weight (`full`), the towers' top blocks (`top-k`), or adapters only;
 - scratch: the config's own architecture and starting weights (MiniLM included), no export;
-each trained run early-stopped on valid NDCG@10 (the config's `train.patience`). It writes OUT/report.md (mean
-± sd over seeds of test HR@10 and NDCG@10, seconds to the best checkpoint) and OUT/report.png (test NDCG@10
-against the share of users kept), built from the runs' own results files. A run that has its results.json
-is not run again, and one cut short resumes from its latest checkpoint: an interrupted study goes on where it
-stopped.
+each trained run early-stopped on valid NDCG@10 (the config's `train.patience` and `train.patience_steps`). It
+writes OUT/report.md (the study's settings; mean ± sd over seeds of test HR@10 and NDCG@10, the valid NDCG@10 each
+row was chosen at, seconds to the best checkpoint) and OUT/report.png (test NDCG@10 against the share of users
+kept), built from the runs' own results files. A run that has its results.json is not run again, and one cut
+short resumes from its latest checkpoint: an interrupted study goes on where it stopped.
 """
 from __future__ import annotations
 
@@ -87,7 +87,8 @@ def run_study(export: Path, data: Path, config: str, overrides: list[str], fract
                                            *([f"init_from={export}"] if from_export else [])])
                 prepare_and_train(cfg, resume=run_checkpoints(cfg).latest() is not None)
     rows = collect(out, fractions, seeds, methods)
-    write_report(rows, out)
+    write_report(rows, out, f"`--from {export} --data {data} --config {config}`"
+                 + "".join(f" `--set {item}`" for item in overrides))
     return rows
 
 
@@ -116,21 +117,24 @@ def collect(out: Path, fractions: list[float], seeds: int, methods: tuple[str, .
         for seed in range(seeds):
             runs = {m: json.loads((out / "runs" / run_name(m, fraction, seed) / "results.json").read_text())
                     for m in (*ZERO_SHOT, *methods)}
-            rows.append({"method": "popularity", "fraction": fraction, "seed": seed,
-                         **runs[ZERO_SHOT[0]]["popularity"]["test"]})
+            popularity = runs[ZERO_SHOT[0]]["popularity"]
+            rows.append({"method": "popularity", "fraction": fraction, "seed": seed, **popularity["test"],
+                         "valid_ndcg@10": popularity["valid"]["ndcg@10"]})
             for method, results in runs.items():
                 test = {k.removeprefix("test/"): v for k, v in results["best"].items() if k.startswith("test/")}
                 seconds = {k: results[k] for k in ("seconds_to_best", "seconds") if k in results}
-                rows.append({"method": method, "fraction": fraction, "seed": seed, **test, **seconds})
+                rows.append({"method": method, "fraction": fraction, "seed": seed, **test, **seconds,
+                             "valid_ndcg@10": results["best"]["valid/ndcg@10"]})
     return rows
 
 
-def write_report(rows: list[dict], out: Path) -> None:
+def write_report(rows: list[dict], out: Path, study: str) -> None:
+    """OUT/report.md (`study`: the settings, shown above the table) and OUT/report.png."""
     fractions = sorted({r["fraction"] for r in rows})
     methods = [m for m in REPORTED if any(r["method"] == m for r in rows)]
     cell = {(f, m): [r for r in rows if r["fraction"] == f and r["method"] == m] for f in fractions for m in methods}
-    lines = ["| users kept | method | seeds | test HR@10 | test NDCG@10 | NDCG@10 / scratch | seconds to best | "
-             "training seconds |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| users kept | method | seeds | test HR@10 | test NDCG@10 | valid NDCG@10 | NDCG@10 / scratch | "
+             "seconds to best | training seconds |", "|---|---|---|---|---|---|---|---|---|"]
     for fraction in fractions:
         scratch = statistics.mean(r["ndcg@10"] for r in cell[fraction, "scratch"]) if "scratch" in methods else 0.0
         for method in methods:
@@ -138,11 +142,12 @@ def write_report(rows: list[dict], out: Path) -> None:
             ndcg = [r["ndcg@10"] for r in runs]
             ratio = f"{statistics.mean(ndcg) / scratch:.2f}" if scratch else "-"
             lines.append(f"| {fraction:.0%} | {method} | {len(runs)} | {mean_sd([r['hr@10'] for r in runs])} | "
-                         f"{mean_sd(ndcg)} | {ratio} | {mean_sd([r['seconds_to_best'] for r in runs if 'seconds' in r], 0)} | "
+                         f"{mean_sd(ndcg)} | {mean_sd([r['valid_ndcg@10'] for r in runs])} | {ratio} | {mean_sd([r['seconds_to_best'] for r in runs if 'seconds' in r], 0)} | "
                          f"{mean_sd([r['seconds'] for r in runs if 'seconds' in r], 0)} |")
-    (out / "report.md").write_text("Test metrics on the target, full ranking over its items, mean ± sd over seeds "
-                                   "(each seed: its own share of users, initial weights and data order).\n\n"
-                                   + "\n".join(lines) + "\n")
+    (out / "report.md").write_text(f"Study: {study}\n\nTest metrics on the target, full ranking over its items, mean ± sd "
+                                   "over seeds (each seed: its own share of users, initial weights and data order); "
+                                   "each trained row at its best valid NDCG@10 (shown), which is what a choice between "
+                                   "rows may use.\n\n" + "\n".join(lines) + "\n")
     plot(cell, fractions, methods, out / "report.png")
 
 
