@@ -37,9 +37,9 @@ def test_patience_stops_at_the_right_evaluation_and_the_best_survives_pruning(tm
     resumed = json.loads((run / "results.json").read_text())
     assert resumed["stopped"] == "patience" and resumed["epochs"] == 4 and resumed["best"] == results["best"]
 
-    # and with a floor of 5 epochs' steps since the best (epoch 1), it goes on to epoch 6
+    # and with a floor of 4 epochs' steps since the best (epoch 1), patience 3 no longer ends it: it goes on to 5
     steps_per_epoch = results["best"]["step"]
-    result = launch(1, CONFIG, sets + ["train.patience=3", f"train.patience_steps={5 * steps_per_epoch}"], resume=True)
+    result = launch(1, CONFIG, sets + ["train.patience=3", f"train.patience_steps={4 * steps_per_epoch}"], resume=True)
     assert result.returncode == 0, result.stderr[-3000:]
     floored = json.loads((run / "results.json").read_text())
-    assert floored["stopped"] == "patience" and floored["epochs"] == 6 and floored["best"] == results["best"]
+    assert floored["stopped"] == "patience" and floored["epochs"] == 5 and floored["best"] == results["best"]
