@@ -1,5 +1,6 @@
 """Early stopping: a run stops at the evaluation where `train.patience` evaluations (and `train.patience_steps`
-optimizer steps) have gone by without a better valid metric; the best checkpoint survives pruning and is what export and evaluate take by default."""
+optimizer steps) have gone by without a better valid metric; the best checkpoint survives pruning and is what
+export and evaluate take by default."""
 from __future__ import annotations
 
 import json

@@ -197,7 +197,8 @@ class Trainer:
         self.peak_flops = matmul_peak(self.dtype, self.device)  # this rank's threads (or GPU), in its precision
         self.audit = SampleAudit(cfg.run_dir, self.rank, cfg.train.log_sample_ids)
         self.audit.start(self.state.step, self.state.epoch)
-        self.log = RunLog(cfg.run_dir, enabled=self.rank == 0, console=console or Console(), total=self.total_steps, initial=self.state.step)
+        self.log = RunLog(cfg.run_dir, enabled=self.rank == 0, console=console or Console(), total=self.total_steps,
+                          initial=self.state.step)
         self.log.write({"kind": "machine", "matmul_peak_tflops": self.peak_flops / 1e12, "dtype": str(self.dtype),
                         "world_size": self.world, **memory_settings})
         if resume is not None:
