@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from transrec.config import Config, TrainConfig
+from transrec.config import Config
 from transrec.trainer import checkpoint
 from transrec.trainer.audit import SampleAudit
 from transrec.trainer.checkpoint_store import run_checkpoints
@@ -122,12 +122,6 @@ class TrainState:
     seconds: float = 0.0  # training wall time so far, over every process that worked on the run
     epoch_positions: int = 0  # target positions trained in this epoch (all ranks)
     stopped: str = ""  # why the run ended: epochs | max_steps | patience (Trainer.stop_reason)
-
-
-def patience_spent(cfg: TrainConfig, state: TrainState) -> bool:
-    """`patience` evaluations and `patience_steps` optimizer steps have gone by since the best valid metric."""
-    return bool(cfg.patience and state.best and state.evaluations_since_best >= cfg.patience
-                and state.step - state.best["step"] >= cfg.patience_steps)
 
 
 class Trainer:
@@ -243,13 +237,14 @@ class Trainer:
 
     def stop_reason(self) -> str:
         """Why the run is over ("" while it is not): read from the state, so a resumed run with a larger
-        `epochs`, `max_steps` or `patience` goes on."""
+        `epochs`, `max_steps`, `patience` or `patience_steps` goes on."""
         cfg, state = self.cfg.train, self.state
         if state.epoch >= cfg.epochs:
             return "epochs"
         if cfg.max_steps and state.step >= cfg.max_steps:
             return "max_steps"
-        if patience_spent(cfg, state):
+        if (cfg.patience and state.best and state.evaluations_since_best >= cfg.patience
+                and state.step - state.best["step"] >= cfg.patience_steps):
             return "patience"
         return ""
 
@@ -322,8 +317,6 @@ class Trainer:
             state.best, state.evaluations_since_best = record, 0
         else:
             state.evaluations_since_best += 1
-            if patience_spent(cfg.train, state):
-                state.stopped = "patience"
         self.log.write({"kind": "eval", **record})
 
     def save_checkpoint(self) -> None:

@@ -126,10 +126,6 @@ class UserTask:
         load_item_features(recommender, self.store)
         return UserClassifier(recommender, len(self.users.classes)).to(self.device)
 
-    def decoders(self, recommender) -> tuple[ImageDecoder, VideoDecoder]:
-        """The decoders of the recommender's image and video items (clips' frames sampled evenly)."""
-        return item_decoders(recommender.cfg, self.cfg.data)
-
     def history_vectors(self, recommender, decoders: tuple[ImageDecoder, VideoDecoder], history: torch.Tensor
                         ) -> torch.Tensor:
         """[B, T, dim]: the vectors of the items of `history` [B, T], each distinct item encoded once."""
@@ -143,7 +139,7 @@ class UserTask:
         """Trains `classifier` on the train users; returns its record: parameters, steps, seconds, why it stopped,
         each epoch's valid and test accuracy and macro-F1, and the epoch of the best valid macro-F1."""
         cfg, users, recommender = self.cfg.train, self.users, classifier.recommender
-        decoders = self.decoders(recommender)
+        decoders = item_decoders(recommender.cfg, self.cfg.data)  # clips' frames sampled evenly
         train_rows = self.split["train"]
         schedule_steps = cfg.epochs * math.ceil(len(train_rows) / cfg.batch_size)
         total = min(schedule_steps, cfg.max_steps) if cfg.max_steps else schedule_steps
