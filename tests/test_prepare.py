@@ -274,6 +274,7 @@ def test_synthetic_is_deterministic_and_seeds_are_domains(tiny_dataset, tmp_path
     assert other["files"]["items/items.jsonl"] != first["files"]["items/items.jsonl"]
     assert other["files"]["train/shard.00000.mds"] != first["files"]["train/shard.00000.mds"]
     assert first["num_users"] == TINY["users"] and first["modality_counts"] == {"text": 40, "image": 40, "video": 0}
+    assert first["synthetic_images"] and not first["synthetic_videos"]  # labelled by what the data set holds
     lengths = [len(s) for s in sequences(tiny_dataset, "eval")]
     assert min(lengths) >= TINY["min_len"] and max(lengths) <= TINY["max_len"]
     assert all(len(set(s)) == len(s) for s in sequences(tiny_dataset, "eval"))
@@ -289,3 +290,4 @@ def test_synthetic_sequences_follow_the_topic_succession(tmp_path):
     pairs = [(topics[a], topics[b]) for seq in sequences(tmp_path / "syn", "eval") for a, b in zip(seq, seq[1:])]
     share = np.mean([likely[a, b] for a, b in pairs])
     assert manifest["num_items"] == 160 and share > 0.5  # chance level is 2/8
+    assert not manifest["synthetic_images"] and not manifest["synthetic_videos"]  # no image, no clip: none to label

@@ -147,6 +147,8 @@ def test_optimizer_offload_trains_like_the_plain_run_and_resumes_exactly(runs):
     offloaded = runs("offload3", 3, *offload)
     reference = runs("ref3fp32inbatch", 3, *PLAIN)
     assert [step for step, _, _ in losses(offloaded)] == list(range(1, STEPS + 1))
-    torch.testing.assert_close([loss for _, loss, _ in losses(offloaded)], [loss for _, loss, _ in losses(reference)])
+    # DeepSpeed's CPU Adam rounds differently from torch's Adam: the same losses to float32 precision, not bitwise
+    torch.testing.assert_close([loss for _, loss, _ in losses(offloaded)], [loss for _, loss, _ in losses(reference)],
+                               rtol=1e-5, atol=1e-6)
     resumed = runs(resumable_copy(offloaded, STOP, "offload3-resumed"), 3, *offload, resume=True)
     assert losses(resumed) == losses(offloaded)

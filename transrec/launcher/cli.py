@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     synthetic.add_argument("--image-fraction", type=float, default=0.5)
     synthetic.add_argument("--shift", type=float, default=0.0,
                            help="how far this world is from the shared one, 0..1: a share of each topic's words "
-                                "and of its succession taken from another topic (a target's domain distance)")
+                                "taken from one other topic, of its succession from another (a target's domain "
+                                "distance)")
     synthetic.add_argument("--min-len", type=int, default=5, help="shortest history")
     synthetic.add_argument("--max-len", type=int, default=50, help="longest history")
     synthetic.add_argument("--length-exponent", type=float, default=0.0,

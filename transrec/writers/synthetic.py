@@ -79,9 +79,11 @@ class World:
 
 def make_world(num_topics: int, shift: float = 0.0) -> World:
     """The world of `num_topics` topics. `shift` moves it away from the shift-0 world while keeping its topics
-    (and their poster looks): a share `shift` of each topic's words is its partner topic's (a fixed derangement),
-    and its succession is that share of the way to the partner topics' succession. At 1 a topic's items read
-    like its partner's did and follow its partner's order: what a model learned at shift 0 misleads it."""
+    (and their poster looks): a share `shift` of each topic's words is its word partner's (topic k - 1), and its
+    succession is that share of the way to its order partner's (topic k + 1). Two different partners: were they
+    one, a world at 1 would only rename the topics, and a text model would see the shift-0 world again. At 1 a
+    topic's items read like one topic's did and follow another's order: what a model learned at 0 misleads it,
+    from titles or from posters."""
     if not 1 <= num_topics <= len(TOPIC_WORDS):
         raise ValueError(f"topics must be in 1..{len(TOPIC_WORDS)}, got {num_topics}")
     if not 0.0 <= shift <= 1.0:
@@ -94,8 +96,9 @@ def make_world(num_topics: int, shift: float = 0.0) -> World:
     succession[np.arange(num_topics), successor] += FOLLOW
     succession /= succession.sum(1, keepdims=True)
     topics = tuple(list(TOPIC_WORDS)[:num_topics])
-    partner = np.roll(np.arange(num_topics), 1)  # topic k's partner: k - 1 (itself when there is one topic)
-    succession = (1 - shift) * succession + shift * succession[np.ix_(partner, partner)]
+    partner = np.roll(np.arange(num_topics), 1)  # topic k's word partner: k - 1 (itself when there is one topic)
+    order_partner = np.roll(np.arange(num_topics), -1)  # k + 1 (the word partner when there are two)
+    succession = (1 - shift) * succession + shift * succession[np.ix_(order_partner, order_partner)]
     vocabulary = []
     for k, topic in enumerate(topics):
         own, theirs = TOPIC_WORDS[topic], TOPIC_WORDS[topics[partner[k]]]
@@ -286,9 +289,9 @@ def prepare_synthetic(out: str | Path, users: int = 2000, items: int = 1000, see
                                              for p, n in parts]):
                 writer.add_part(counts)
         return writer.commit(
-            name=f"synthetic-seed{seed}", source="synthetic", synthetic_images=True, image_fraction=image_fraction,
-            synthetic_videos=True, video_fraction=video_fraction, clip_frames=clip_frames, image_size=image_size,
-            seed=seed,
+            name=f"synthetic-seed{seed}", source="synthetic", synthetic_images=bool((modality == IMAGE).any()),
+            image_fraction=image_fraction, synthetic_videos=bool((modality == VIDEO).any()),
+            video_fraction=video_fraction, clip_frames=clip_frames, image_size=image_size, seed=seed,
             params={"users": users, "items": items, "topics": topics, "min_len": min_len, "max_len": max_len,
                     "length_exponent": length_exponent, "users_per_part": users_per_part,
                     "shift": shift},
