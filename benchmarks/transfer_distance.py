@@ -10,7 +10,7 @@ import argparse
 import statistics
 from pathlib import Path
 
-from transrec.launcher.transfer import ZERO_SHOT, collect, mean_sd, parse_fractions
+from transrec.launcher.transfer import ZERO_SHOT, collect, parse_fractions, quality_cells
 
 
 def main() -> None:
@@ -34,14 +34,10 @@ def main() -> None:
     curves: dict[tuple[float, str], list[tuple[float, float]]] = {}
     for shift, fraction in sorted({(r["shift"], r["fraction"]) for r in rows}):
         cell = {m: [r for r in rows if (r["shift"], r["fraction"], r["method"]) == (shift, fraction, m)] for m in shown}
-        scratch = statistics.mean(r["ndcg@10"] for r in cell["scratch"]) if cell.get("scratch") else None
         for method in shown:
-            ndcg = [r["ndcg@10"] for r in cell[method]]
-            ratio = f"{statistics.mean(ndcg) / scratch:.2f}" if scratch else "-"
-            lines.append(f"| {shift:g} | {fraction:.0%} | {method} | {len(ndcg)} | "
-                         f"{mean_sd([r['hr@10'] for r in cell[method]])} | {mean_sd(ndcg)} | "
-                         f"{mean_sd([r['valid_ndcg@10'] for r in cell[method]])} | {ratio} |")
-            curves.setdefault((fraction, method), []).append((shift, statistics.mean(ndcg)))
+            runs = cell[method]
+            lines.append(f"| {shift:g} | {fraction:.0%} | {method} | {quality_cells(runs, cell.get('scratch', []))} |")
+            curves.setdefault((fraction, method), []).append((shift, statistics.mean(r["ndcg@10"] for r in runs)))
     (args.out / "report.md").write_text("Test metrics on each target (SYNTHETIC data), by its world's shift from "
                                         "the source's; mean ± sd over seeds.\n\n" + "\n".join(lines) + "\n")
     plot(curves, args.out / "report.png")

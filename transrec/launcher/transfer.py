@@ -136,14 +136,11 @@ def write_report(rows: list[dict], out: Path, study: str) -> None:
     lines = ["| users kept | method | seeds | test HR@10 | test NDCG@10 | valid NDCG@10 | NDCG@10 / scratch | "
              "seconds to best | training seconds |", "|---|---|---|---|---|---|---|---|---|"]
     for fraction in fractions:
-        scratch = statistics.mean(r["ndcg@10"] for r in cell[fraction, "scratch"]) if "scratch" in methods else 0.0
+        scratch = cell.get((fraction, "scratch"), [])
         for method in methods:
             runs = cell[fraction, method]
-            ndcg = [r["ndcg@10"] for r in runs]
-            ratio = f"{statistics.mean(ndcg) / scratch:.2f}" if scratch else "-"
             trained = [r for r in runs if "seconds" in r]
-            lines.append(f"| {fraction:.0%} | {method} | {len(runs)} | {mean_sd([r['hr@10'] for r in runs])} | "
-                         f"{mean_sd(ndcg)} | {mean_sd([r['valid_ndcg@10'] for r in runs])} | {ratio} | "
+            lines.append(f"| {fraction:.0%} | {method} | {quality_cells(runs, scratch)} | "
                          f"{mean_sd([r['seconds_to_best'] for r in trained], 0)} | "
                          f"{mean_sd([r['seconds'] for r in trained], 0)} |")
     (out / "report.md").write_text(f"Study: {study}\n\nTest metrics on the target, full ranking over its items, mean "
@@ -151,6 +148,14 @@ def write_report(rows: list[dict], out: Path, study: str) -> None:
                                    "order); each trained row at its best valid NDCG@10 (shown), which is what a "
                                    "choice between rows may use.\n\n" + "\n".join(lines) + "\n")
     plot(cell, fractions, methods, out / "report.png")
+
+
+def quality_cells(runs: list[dict], scratch: list[dict]) -> str:
+    """The table cells of one row's runs: seeds | test HR@10 | test NDCG@10 | valid NDCG@10 | NDCG@10 / scratch's."""
+    ndcg = [r["ndcg@10"] for r in runs]
+    ratio = f"{statistics.mean(ndcg) / statistics.mean(r['ndcg@10'] for r in scratch):.2f}" if scratch else "-"
+    return (f"{len(runs)} | {mean_sd([r['hr@10'] for r in runs])} | {mean_sd(ndcg)} | "
+            f"{mean_sd([r['valid_ndcg@10'] for r in runs])} | {ratio}")
 
 
 def plot(cell: dict, fractions: list[float], methods: list[str], path: Path) -> None:
