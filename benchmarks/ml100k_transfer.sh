@@ -15,19 +15,15 @@ SRC=../shared/data/ml-100k
 FRACTIONS=${FRACTIONS:-0.1,0.25,1}
 SEEDS=${SEEDS:-3}
 METHODS=${METHODS:-two-stage,fine-tuned,top-k,adapters,scratch}
+. benchmarks/transfer_common.sh
 mkdir -p runs exports
 for split in ${*:-genre random}; do
   for domain in a b; do
     [ -f "data/ml-100k-$split-$domain/manifest.json" ] || transrec prepare movielens --src $SRC \
       --out "data/ml-100k-$split-$domain" --domain $domain --split "$split"
   done
-  if [ ! -f "exports/ml100k-$split-a/config.json" ]; then
-    rm -rf "runs/ml100k-$split-a"
-    transrec pretrain --config ml100k-text --set name="ml100k-$split-a" --set data.path="data/ml-100k-$split-a"
-    transrec export --run "runs/ml100k-$split-a" --out "exports/ml100k-$split-a"
-  fi
-  sets=()
-  for item in ${SETS:-}; do sets+=(--set "$item"); done
+  pretrain_and_export "ml100k-$split-a" "data/ml-100k-$split-a"
   transrec transfer --from "exports/ml100k-$split-a" --data "data/ml-100k-$split-b" --config ml100k-text \
-    "${sets[@]}" --fractions "$FRACTIONS" --seeds "$SEEDS" --methods "$METHODS" --out "runs/transfer-$split${SUFFIX:-}"
+    "${study_sets[@]}" --fractions "$FRACTIONS" --seeds "$SEEDS" --methods "$METHODS" \
+    --out "runs/transfer-$split${SUFFIX:-}"
 done

@@ -16,21 +16,16 @@ SEEDS=${SEEDS:-3}
 METHODS=${METHODS:-fine-tuned,scratch}
 SOURCE=(--users 1000 --items 600 --image-fraction 0)
 TARGET=(--users 500 --items 400 --image-fraction 0)
+. benchmarks/transfer_common.sh
 mkdir -p runs exports
 [ -f data/syn-source/manifest.json ] || transrec prepare synthetic --out data/syn-source --seed 0 "${SOURCE[@]}"
-if [ ! -f exports/syn-source/config.json ]; then
-  rm -rf runs/syn-source
-  transrec pretrain --config ml100k-text --set name=syn-source --set data.path=data/syn-source
-  transrec export --run runs/syn-source --out exports/syn-source
-fi
-sets=()
-for item in ${SETS:-}; do sets+=(--set "$item"); done
+pretrain_and_export syn-source data/syn-source
 studies=()
 for shift in $SHIFTS; do
   [ -f "data/syn-target-shift$shift/manifest.json" ] || transrec prepare synthetic --out "data/syn-target-shift$shift" \
     --seed 1 --shift "$shift" "${TARGET[@]}"
   transrec transfer --from exports/syn-source --data "data/syn-target-shift$shift" --config ml100k-text \
-    "${sets[@]}" --fractions "$FRACTIONS" --seeds "$SEEDS" --methods "$METHODS" --out "runs/transfer-shift$shift"
+    "${study_sets[@]}" --fractions "$FRACTIONS" --seeds "$SEEDS" --methods "$METHODS" --out "runs/transfer-shift$shift"
   studies+=("$shift=runs/transfer-shift$shift")
 done
 python benchmarks/transfer_distance.py --fractions "$FRACTIONS" --seeds "$SEEDS" --methods "$METHODS" \
