@@ -6,7 +6,7 @@ import gc
 import pytest
 import torch
 
-from transrec.config import load_config
+from transrec.config import ConfigError, load_config
 from transrec.dataloading.images import ImageDecoder
 from transrec.dataloading.loader import TrainLoader
 from transrec.models import TransRec
@@ -94,6 +94,28 @@ def test_fine_tuning_takes_the_architecture_from_the_export_and_the_training_swi
     assert cfg.model.gradient_checkpointing and cfg.model.dropout == 0.3
     assert cfg.model.text.cache_frozen and cfg.model.image.trainable_blocks == -1
     assert cfg.model.text.config == exported.text.config and cfg.model.image.name == exported.image.name
+
+
+def test_a_fresh_user_encoder_keeps_the_export_s_towers_and_draws_its_own_weights(pretrained):
+    data, export, num_items = pretrained
+    exported = TransRec.from_pretrained(export).state_dict()
+
+    def fresh(seed: int) -> dict[str, torch.Tensor]:
+        cfg = resolve(load_config(CONFIG, [f"data.path={data}", f"init_from={export}", "train.finetune_mode=full",
+                                           "train.fresh_user_encoder=true"]))
+        torch.manual_seed(seed)
+        return build_model(cfg, num_items).state_dict()
+
+    model = fresh(1)
+    assert model.keys() == exported.keys()
+    for name, tensor in model.items():
+        if not name.startswith("user_encoder."):
+            assert torch.equal(tensor, exported[name]), name  # the towers and projections: the export's
+        elif tensor.dim() >= 2:  # the user encoder's random matrices (norms start at 1 and 0 either way)
+            assert tensor.shape == exported[name].shape and not torch.equal(tensor, exported[name]), name
+    assert all(torch.equal(tensor, fresh(1)[name]) for name, tensor in model.items())  # drawn from the seed
+    with pytest.raises(ConfigError, match="train.fresh_user_encoder needs init_from"):
+        load_config(CONFIG, ["train.fresh_user_encoder=true"])
 
 
 @pytest.mark.parametrize("item_encoder", ["id", "id+text", "id+mom"])

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -142,6 +143,38 @@ def test_decode_errors_reach_the_trainer(tiny_dataset):
     loader = make_loader(tiny_dataset, decoder=BrokenDecoder())
     with pytest.raises(ImageDecodeError, match="item"):
         next(iter(loader))
+    loader.close()
+
+
+def test_a_hung_loader_worker_fails_the_rank_instead_of_hanging_it(tiny_dataset):
+    """A loader worker that stops answering (here SIGSTOPped; in the wild, one killed mid-write, whose half-written
+    pipe the DataLoader then reads forever) must fail the rank, so the group restarts from its checkpoint."""
+    import psutil
+
+    loader = TrainLoader(DataConfig(stall_timeout_s=2), tiny_dataset, batch_size=BATCH, max_seq_len=MAX_SEQ_LEN,
+                         num_negatives=NEGATIVES, seed=3, rank=0, world_size=1, decoder=None)
+    batches = iter(loader)
+    next(batches)
+    workers = psutil.Process().children()
+    assert workers
+    for worker in workers:
+        worker.suspend()
+    # without the stall timeout this would wait for ever: let the workers go on after a minute, so that a
+    # regression fails below instead of hanging the suite
+    resume = threading.Timer(60, lambda: [worker.resume() for worker in workers])
+    resume.start()
+    try:
+        with pytest.raises(RuntimeError, match=r"no train batch in 2 s \(data.stall_timeout_s\)"):
+            for _ in batches:  # what was decoded before the workers stopped comes first
+                pass
+    finally:
+        resume.cancel()
+        for worker in workers:
+            worker.resume()
+    for thread in threading.enumerate():  # the prefetch thread left waiting on them ends with its next batch
+        if thread.name == "transrec-prefetch":
+            thread.join(timeout=60)
+            assert not thread.is_alive()
     loader.close()
 
 

@@ -35,6 +35,10 @@ class DataConfig:
     # a bad record (corrupt image, empty title, unknown item, too-short user, shard with another checksum):
     # skip = skip it, count it, go on | stop = stop before training starts (see dataloading/bad_data.py)
     on_bad_record: Literal["skip", "stop"] = "skip"
+    # a rank that waits longer than this for its next train batch fails (and the group restarts from the latest
+    # checkpoint, as after a crash) instead of hanging: a loader worker killed mid-write leaves its pipe half
+    # written, and the DataLoader's own liveness check never returns from reading it
+    stall_timeout_s: int = 600
 
 
 @dataclass
@@ -155,6 +159,9 @@ class TrainConfig:
     # (everything else trains as in any run)
     finetune_mode: Literal["", "full", "top_k", "adapters", "lora"] = ""
     finetune_blocks: int = 2
+    # with init_from: the user encoder starts from fresh random weights, the item towers from the export (only
+    # the item side transfers: the target's sequences teach their own order, recency included)
+    fresh_user_encoder: bool = False
     adapter_dim: int = 16
     lora_r: int = 8  # rank of each LoRA update
     lora_alpha: float = 16.0  # the update is scaled by lora_alpha / lora_r
@@ -335,7 +342,7 @@ RANGES = [
     ("train.log_every", lambda v: v > 0, "> 0"), ("eval.every_epochs", lambda v: v >= 0, ">= 0"),
     ("eval.batch_size", lambda v: v > 0, "> 0"), ("eval.item_batch_size", lambda v: v > 0, "> 0"),
     ("cluster.num_workers", lambda v: v > 0, "> 0"), ("cluster.cpus_per_worker", lambda v: v > 0, "> 0"),
-    ("cluster.max_failures", lambda v: v >= 0, ">= 0"),
+    ("cluster.max_failures", lambda v: v >= 0, ">= 0"), ("data.stall_timeout_s", lambda v: v > 0, "> 0"),
     ("cluster.collective_timeout_s", lambda v: v > 0, "> 0"), ("model.text.item_token", lambda v: v >= -1, ">= -1"),
     ("train.lora_r", lambda v: v > 0, "> 0"), ("train.lora_alpha", lambda v: v > 0, "> 0"),
     ("train.lora_dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
@@ -378,6 +385,8 @@ def validate(cfg: Config, origin: str = "config") -> Config:
     if cfg.train.offload_params and cfg.train.zero_stage != 3:
         raise ConfigError(f"{origin}: train.offload_params needs train.zero_stage 3 (the stage that partitions "
                           f"parameters), not {cfg.train.zero_stage}")
+    if cfg.train.fresh_user_encoder and not cfg.init_from:
+        raise ConfigError(f"{origin}: train.fresh_user_encoder needs init_from (an export whose towers it keeps)")
     if cfg.train.finetune_mode == "lora" and cfg.train.finetune_blocks == 0:
         raise ConfigError(f"{origin}: train.finetune_mode lora needs train.finetune_blocks != 0 (the layers it adapts)")
     if not cfg.eval.ks or min(cfg.eval.ks) <= 0:

@@ -152,10 +152,11 @@ class _Failure:
 
 class _Prefetcher:
     """Pulls items from `source` and applies `finish` in a background thread, up to `depth` items ahead,
-    so that image and clip decoding overlaps the model's step. Errors are re-raised in the consumer."""
+    so that image and clip decoding overlaps the model's step. Errors are re-raised in the consumer; so is a
+    wait of more than `stall_timeout_s` for the next item (a stalled source)."""
 
-    def __init__(self, source: Iterator, finish: Callable[[Any], Any], depth: int):
-        self._source, self._finish = source, finish
+    def __init__(self, source: Iterator, finish: Callable[[Any], Any], depth: int, stall_timeout_s: float):
+        self._source, self._finish, self._stall_timeout_s = source, finish, stall_timeout_s
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="transrec-prefetch", daemon=True)
@@ -181,7 +182,11 @@ class _Prefetcher:
 
     def __iter__(self) -> Iterator:
         while True:
-            item = self._queue.get()
+            try:
+                item = self._queue.get(timeout=self._stall_timeout_s)
+            except queue.Empty:
+                raise RuntimeError(f"no train batch in {self._stall_timeout_s:g} s (data.stall_timeout_s): a loader "
+                                   f"worker died or hangs") from None
             if item is _END:
                 return
             if isinstance(item, _Failure):
@@ -190,7 +195,7 @@ class _Prefetcher:
 
     def close(self) -> None:
         self._stop.set()
-        self._thread.join()
+        self._thread.join(timeout=self._stall_timeout_s)  # a thread stuck in a stalled source is left behind
         self._source = None  # drops the DataLoader iterator, which shuts its workers down
 
 
@@ -330,7 +335,7 @@ class TrainLoader:
         # dropout mask. The data side never moves the model's random stream.
         with torch.random.fork_rng(devices=[]):
             started = iter(batches)
-        prefetcher = _Prefetcher(started, self._decode, self.prefetch_batches)
+        prefetcher = _Prefetcher(started, self._decode, self.prefetch_batches, self.data_cfg.stall_timeout_s)
         try:
             for batch in prefetcher:
                 self._samples_in_epoch += batch.stream_samples * self.world_size

@@ -8,7 +8,8 @@ the same histories) and each seed, it runs on the cluster (the embedded one unle
   chosen on the target's valid split (PRIOR_WEIGHTS), since a model trained with the logQ correction scores how
   much more a user likes an item than its popularity says, and a new platform's popularity is known at once;
 - two-stage: the export's towers frozen, the projections and the user encoder trained;
-- fine-tuned: every weight (`full`), the towers' top blocks (`top-k`), or adapters only;
+- fine-tuned: every weight (`full`), the towers' top blocks (`top-k`), or adapters only; or every weight with
+  the user encoder started afresh (`fresh-user-encoder`: only the item towers transfer);
 - scratch: the config's own architecture and starting weights (MiniLM included), no export;
 each trained run early-stopped on valid NDCG@10 (the config's `train.patience` and `train.patience_steps`). It
 writes OUT/report.md (the study's settings; mean ± sd over seeds of test HR@10 and NDCG@10, the valid NDCG@10 each
@@ -27,6 +28,7 @@ METHODS: dict[str, tuple[bool, list[str]]] = {  # trained method -> (starts from
     "fine-tuned": (True, ["train.finetune_mode=full"]),
     "top-k": (True, ["train.finetune_mode=top_k"]),
     "adapters": (True, ["train.finetune_mode=adapters"]),
+    "fresh-user-encoder": (True, ["train.finetune_mode=full", "train.fresh_user_encoder=true"]),
     "scratch": (False, []),
 }
 ZERO_SHOT = ("zero-shot", "zero-shot+popularity")  # evaluated, not trained

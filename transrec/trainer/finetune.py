@@ -80,12 +80,15 @@ def build_model(cfg: Config, num_items: int, load_init: bool = True):
     is False, when a checkpoint's weights come next); in adapters mode, with only the adapters trainable; in lora
     mode, with the text tower's body adapted by LoRA (an export's adapter goes on training)."""
     from transrec.models import TransRec
+    from transrec.models.user_encoder import USER_ENCODERS
 
     model_cfg = model_config(cfg, num_items)
     if cfg.init_from and "id" in model_cfg.item_encoder.split("+"):
         check_same_items(cfg, model_cfg.item_encoder)
     if cfg.init_from and load_init:
         model = TransRec.from_pretrained(cfg.init_from, dtype=torch.float32, cfg=model_cfg)
+        if cfg.train.fresh_user_encoder:
+            model.user_encoder = USER_ENCODERS.get(model.cfg.user_encoder)(model.cfg)
     else:
         model = TransRec(model_cfg)
     if cfg.train.finetune_mode == "adapters":
