@@ -23,6 +23,7 @@ from transrec.launcher.transfer import run_name
 from transrec.trainer.evaluate import encode_data_set, target_ranks
 from transrec.trainer.export import load_checkpoint_model
 from transrec.trainer.finetune import load_item_features
+from transrec.trainer.metrics import ndcg_at
 from transrec.trainer.run_dir import run_config
 
 VIEWS = ("valid", "test", "test without the valid item")
@@ -45,8 +46,7 @@ def per_user_ndcg(run: Path) -> dict[str, np.ndarray]:
                 history = torch.cat([torch.zeros_like(history[:, :1]), history[:, :-1]], 1)
                 mask = torch.cat([torch.zeros_like(mask[:, :1]), mask[:, :-1]], 1)
             users = model.scoring(model.encode_users(items[history], mask).float())
-            ranks = target_ranks(users, candidates, batch)[batch.valid].double()
-            values.append(((ranks < 10) / torch.log2(ranks + 2)).numpy())
+            values.append(ndcg_at(target_ranks(users, candidates, batch)[batch.valid], 10).numpy())
         out[view] = np.concatenate(values)
     return out
 
@@ -59,11 +59,11 @@ def tied_users(data: Path, inter: Path) -> np.ndarray:
         user, item, _, when = line.split("\t")
         if item in wanted:
             by_user[user].append((float(when), item))
-    times = {}
+    last_two_tied = {}  # a user's items in order -> whether the last two share a timestamp
     for events in by_user.values():
         events.sort(key=lambda event: event[0])  # stable: ties keep file order, as `prepare movielens` does
-        times[tuple(item for _, item in events)] = [when for when, _ in events]
-    return np.array([(lambda t: t[-1] == t[-2])(times[tuple(source_id[int(i)] for i in sample["items"])])
+        last_two_tied[tuple(item for _, item in events)] = len(events) > 1 and events[-1][0] == events[-2][0]
+    return np.array([last_two_tied[tuple(source_id[int(i)] for i in sample["items"])]
                      for sample in _ShardedSequences(data / "eval")])
 
 

@@ -20,16 +20,20 @@ def count_higher(scores: torch.Tensor, target_scores: torch.Tensor, excluded: to
     return higher.sum(dim=1)
 
 
+def ndcg_at(ranks: torch.Tensor, k: int) -> torch.Tensor:
+    """Per row, NDCG@K of a target at 0-based rank `ranks` (float64)."""
+    ranks = ranks.double()
+    return (ranks < k) / torch.log2(ranks + 2)
+
+
 def metric_sums(ranks: torch.Tensor, ks: list[int], valid: torch.Tensor | None = None) -> dict[str, float]:
     """Sums (not means) of HR@K and NDCG@K over the rows, plus the row count, so ranks can add them up."""
     if valid is not None:
         ranks = ranks[valid]
-    ranks = ranks.double()
     sums = {"count": float(ranks.numel())}
     for k in ks:
-        hit = ranks < k
-        sums[f"hr@{k}"] = hit.sum().item()
-        sums[f"ndcg@{k}"] = (hit / torch.log2(ranks + 2)).sum().item()
+        sums[f"hr@{k}"] = (ranks < k).sum().item()
+        sums[f"ndcg@{k}"] = ndcg_at(ranks, k).sum().item()
     return sums
 
 
