@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import safetensors.torch
 import timm
 import torch
@@ -22,26 +23,34 @@ def files_bytes(directory: Path, pattern: str = "*") -> int:
     return sum(p.stat().st_size for p in directory.rglob(pattern) if p.is_file())
 
 
-def test_bf16_export_is_a_quarter_of_the_checkpoint_and_loads_with_each_library(tmp_path):
+@pytest.fixture(scope="module")
+def bf16_run(tmp_path_factory) -> Path:
+    """One 2-rank bf16 run (the GPU default, and an option on CPU) of a ResNet image tower, every encoder weight
+    trained, so the checkpoint holds optimizer state for all of them: the run of both tests."""
     from transrec.writers.synthetic import prepare_synthetic
 
-    prepare_synthetic(tmp_path / "data", users=48, items=40)
-    # every encoder weight trained, so the checkpoint holds optimizer state for all of them
-    sets = ["name=all", f"output_dir={tmp_path / 'runs'}", f"data.path={tmp_path / 'data'}", "train.max_steps=1",
+    root = tmp_path_factory.mktemp("bf16")
+    prepare_synthetic(root / "data", users=48, items=40)
+    resnet = "{layers: [1, 1, 1, 1], channels: [8, 16, 32, 64], stem_width: 8}"
+    sets = ["name=bf16", f"output_dir={root / 'runs'}", f"data.path={root / 'data'}", "train.max_steps=2",
+            "train.precision=bf16", "model.image.name=resnet18", f"model.image.kwargs={resnet}",
             "model.text.trainable_blocks=-1", "model.image.trainable_blocks=-1"]
     result = launch(2, CONFIG, sets)
     assert result.returncode == 0, result.stderr[-5000:]
-    run = tmp_path / "runs" / "all"
-    out = export(run, tmp_path / "export")
+    return root / "runs" / "bf16"
+
+
+def test_bf16_export_is_a_quarter_of_the_checkpoint_and_loads_with_each_library(bf16_run, tmp_path):
+    out = export(bf16_run, tmp_path / "export")
 
     manifest = json.loads((out / "manifest.json").read_text())
-    checkpoint_dir = run / "checkpoints" / manifest["tag"]
+    checkpoint_dir = bf16_run / "checkpoints" / manifest["tag"]
     assert manifest["checkpoint_bytes"] == CheckpointStore(checkpoint_dir.parent).saved_bytes(manifest["tag"]) == files_bytes(checkpoint_dir, "*.pt")
     assert manifest["bytes"] == files_bytes(out) - (out / "manifest.json").stat().st_size
     assert files_bytes(out) * 4 <= files_bytes(checkpoint_dir), (files_bytes(out), files_bytes(checkpoint_dir))
     assert not [p for p in out.rglob("*") if p.suffix in (".pt", ".bin", ".pkl", ".pth")]  # nothing pickled
 
-    reference, cfg, _ = load_checkpoint_model(run)
+    reference, cfg, _ = load_checkpoint_model(bf16_run)
     model = TransRec.from_pretrained(out).eval()
     for name, tensor in reference.state_dict().items():  # the checkpoint's weights, rounded to bf16 once
         expected = tensor.to(torch.bfloat16) if tensor.is_floating_point() else tensor
@@ -67,22 +76,14 @@ def test_bf16_export_is_a_quarter_of_the_checkpoint_and_loads_with_each_library(
             torch.testing.assert_close(loaded_image(images), expected, atol=0, rtol=0)
 
 
-def test_bf16_training_with_a_batchnorm_image_tower(tmp_path):
-    """bf16 (the GPU default, and an option on CPU) with a ResNet tower: its batch-norm statistics are cast
-    with the weights, the run trains, and the export holds the checkpoint's weights."""
-    from transrec.writers.synthetic import prepare_synthetic
-
-    prepare_synthetic(tmp_path / "data", users=48, items=40)
-    resnet = "{layers: [1, 1, 1, 1], channels: [8, 16, 32, 64], stem_width: 8}"
-    sets = ["name=bf16", f"output_dir={tmp_path / 'runs'}", f"data.path={tmp_path / 'data'}", "train.max_steps=2",
-            "train.precision=bf16", "model.image.name=resnet18", f"model.image.kwargs={resnet}"]
-    result = launch(2, CONFIG, sets)
-    assert result.returncode == 0, result.stderr[-5000:]
-    run = tmp_path / "runs" / "bf16"
-    losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines() if '"train"' in line]
+def test_bf16_training_with_a_batchnorm_image_tower(bf16_run, tmp_path):
+    """With a ResNet tower in bf16, its batch-norm statistics are cast with the weights, the run trains, and the
+    export loaded in bf16 holds the checkpoint's weights."""
+    losses = [json.loads(line)["loss"] for line in (bf16_run / "metrics.jsonl").read_text().splitlines()
+              if '"train"' in line]
     assert losses and all(torch.isfinite(torch.tensor(losses)))
-    reference, _, _ = load_checkpoint_model(run)
-    model = TransRec.from_pretrained(export(run, tmp_path / "export"), dtype=torch.bfloat16)
+    reference, _, _ = load_checkpoint_model(bf16_run)
+    model = TransRec.from_pretrained(export(bf16_run, tmp_path / "export"), dtype=torch.bfloat16)
     for name, tensor in reference.state_dict().items():
         expected = tensor.to(torch.bfloat16) if tensor.is_floating_point() else tensor
         assert torch.equal(model.state_dict()[name], expected), name

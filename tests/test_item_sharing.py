@@ -31,36 +31,46 @@ def reference(sequences: list) -> tuple[float, dict[str, torch.Tensor]]:
     return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def rank_worker(rank: int, world: int, port: int, out: str, sequences: list, enabled: bool) -> None:
+# the two-rank steps the tests check, name -> (each rank's users, items shared across ranks)
+STEPS = {"shared": (RANK_SEQUENCES, True),
+         "empty-shared": ([RANK_SEQUENCES[0], []], True),  # rank 1's samples were all bad
+         "empty-unshared": ([RANK_SEQUENCES[0], []], False)}
+
+
+def rank_worker(rank: int, world: int, port: int, out: str) -> None:
+    """One step of each of STEPS (one process group: a spawned process takes seconds to import the stack)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    model = build_model()
-    batch = make_batch(sequences[rank], T=6, k=0)
-    shared = share_items(batch, int(model.predicting(batch).sum()), enabled)
-    encoded = shared.batch.items.ids.tolist()
-    output = model(shared.batch, gather=shared.gather, normalizer=shared.normalizer)
-    output.loss.backward()
-    grads = {}
-    for name, p in model.named_parameters():  # as DeepSpeed does: the ranks' gradients averaged
-        if p.grad is not None:
-            dist.all_reduce(p.grad)
-            grads[name] = p.grad / world
-    losses = [None] * world
-    dist.all_gather_object(losses, output.loss.item())
-    if rank == 0:
-        torch.save({"loss": sum(losses) / world, "grads": grads, "union": shared.batch.row_ids.tolist(),
-                    "positions": shared.positions}, out)
-    torch.save({"encoded": encoded}, f"{out}.rank{rank}")
+    for name, (sequences, enabled) in STEPS.items():
+        model = build_model()
+        batch = make_batch(sequences[rank], T=6, k=0)
+        shared = share_items(batch, int(model.predicting(batch).sum()), enabled)
+        encoded = shared.batch.items.ids.tolist()
+        output = model(shared.batch, gather=shared.gather, normalizer=shared.normalizer)
+        output.loss.backward()
+        grads = {}
+        for param_name, p in model.named_parameters():  # as DeepSpeed does: the ranks' gradients averaged
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                grads[param_name] = p.grad / world
+        losses = [None] * world
+        dist.all_gather_object(losses, output.loss.item())
+        if rank == 0:
+            torch.save({"loss": sum(losses) / world, "grads": grads, "union": shared.batch.row_ids.tolist(),
+                        "positions": shared.positions}, f"{out}.{name}")
+        torch.save({"encoded": encoded}, f"{out}.{name}.rank{rank}")
     dist.destroy_process_group()
 
 
-def two_ranks(tmp_path, sequences: list, enabled: bool = True) -> tuple[dict, list[list[int]]]:
-    """(rank 0's record, the items each rank encoded) of one step of two ranks on `sequences` [rank][user]."""
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> dict[str, tuple[dict, list[list[int]]]]:
+    """name of STEPS -> (rank 0's record, the items each rank encoded) of that step on two ranks."""
     from transrec.network import free_port
 
-    out = str(tmp_path / "ranks.pt")
-    mp.spawn(rank_worker, args=(2, free_port(), out, sequences, enabled), nprocs=2)
-    return torch.load(out), [torch.load(f"{out}.rank{r}")["encoded"] for r in range(2)]
+    out = str(tmp_path_factory.mktemp("ranks") / "ranks.pt")
+    mp.spawn(rank_worker, args=(2, free_port(), out), nprocs=2)
+    return {name: (torch.load(f"{out}.{name}"), [torch.load(f"{out}.{name}.rank{r}")["encoded"] for r in range(2)])
+            for name in STEPS}
 
 
 def assert_trains_as(ranks: dict, sequences: list) -> None:
@@ -72,8 +82,8 @@ def assert_trains_as(ranks: dict, sequences: list) -> None:
         torch.testing.assert_close(ranks["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_two_ranks_train_as_one_process_encoding_the_union(tmp_path):
-    ranks, encoded = two_ranks(tmp_path, RANK_SEQUENCES)
+def test_two_ranks_train_as_one_process_encoding_the_union(two_ranks):
+    ranks, encoded = two_ranks["shared"]
     assert_trains_as(ranks, RANK_SEQUENCES)
     union = sorted({i for sequences in RANK_SEQUENCES for s in sequences for i in s})
     assert ranks["union"] == union
@@ -83,13 +93,13 @@ def test_two_ranks_train_as_one_process_encoding_the_union(tmp_path):
         assert set(ids) <= {i for s in RANK_SEQUENCES[r] for i in s}
 
 
-@pytest.mark.parametrize("enabled", [True, False])
-def test_a_rank_with_an_empty_batch_adds_nothing_and_dilutes_nothing(tmp_path, enabled):
+@pytest.mark.parametrize("step", ["empty-shared", "empty-unshared"])
+def test_a_rank_with_an_empty_batch_adds_nothing_and_dilutes_nothing(two_ranks, step):
     """Rank 1's samples were all bad: it steps with the others (the collectives), with an empty batch. The step
     is rank 0's batch alone, as one process would train it: the loss is normalized by the global positions,
     so the average over two ranks is not halved, whether the ranks share their items or not."""
-    sequences = [RANK_SEQUENCES[0], []]
-    ranks, encoded = two_ranks(tmp_path, sequences, enabled)
+    sequences, _ = STEPS[step]
+    ranks, encoded = two_ranks[step]
     assert_trains_as(ranks, sequences)
     assert ranks["positions"] == sum(len(s) - 1 for s in RANK_SEQUENCES[0])
     assert encoded[1] == []
