@@ -10,6 +10,7 @@ file of a `prepare movielens` target), users whose valid and test items share a 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from collections import defaultdict
 from pathlib import Path
@@ -20,13 +21,18 @@ import torch
 from transrec.dataloading.item_store import ItemStore
 from transrec.dataloading.loader import EvalLoader, _ShardedSequences
 from transrec.launcher.transfer import run_name
-from transrec.trainer.evaluate import encode_data_set, target_ranks
+from transrec.trainer.evaluate import encode_data_set, history_target_ranks
 from transrec.trainer.export import load_checkpoint_model
 from transrec.trainer.finetune import load_item_features
 from transrec.trainer.metrics import ndcg_at
 from transrec.trainer.run_dir import run_config
 
 VIEWS = ("valid", "test", "test without the valid item")
+
+
+def shifted_right(columns: torch.Tensor) -> torch.Tensor:
+    """A left-padded [B, T] history without its last column: one more pad on the left."""
+    return torch.cat([torch.zeros_like(columns[:, :1]), columns[:, :-1]], 1)
 
 
 @torch.no_grad()
@@ -41,12 +47,11 @@ def per_user_ndcg(run: Path) -> dict[str, np.ndarray]:
     for view in VIEWS:
         split, values = view.split()[0], []
         for batch in EvalLoader(cfg.data.path, split, cfg.eval.batch_size, model.cfg.max_seq_len, 0, 1):
-            history, mask = batch.history, batch.history_mask
             if view == VIEWS[2]:  # left-padded: the last column is the valid item; shift it out
-                history = torch.cat([torch.zeros_like(history[:, :1]), history[:, :-1]], 1)
-                mask = torch.cat([torch.zeros_like(mask[:, :1]), mask[:, :-1]], 1)
-            users = model.scoring(model.encode_users(items[history], mask).float())
-            values.append(ndcg_at(target_ranks(users, candidates, batch)[batch.valid], 10).numpy())
+                batch = dataclasses.replace(batch, history=shifted_right(batch.history),
+                                            history_mask=shifted_right(batch.history_mask))
+            ranks = history_target_ranks(model, items, candidates, batch)
+            values.append(ndcg_at(ranks[batch.valid], 10).numpy())
         out[view] = np.concatenate(values)
     return out
 

@@ -63,24 +63,32 @@ def target_ranks(user_vecs: torch.Tensor, item_vecs: torch.Tensor, batch: EvalBa
     return ranks
 
 
+def history_target_ranks(model, item_vecs: torch.Tensor, candidates: torch.Tensor, batch: EvalBatch,
+                         biased: bool = False) -> torch.Tensor:
+    """Rank of each user's target among `candidates` (`model.scoring` of `item_vecs`; with `biased`, an item bias
+    appended as one more column), the user encoded from the vectors of its history's items."""
+    history = item_vecs[batch.history].to(next(model.parameters()).dtype)
+    user_vecs = model.scoring(model.encode_users(history, batch.history_mask).float())
+    if biased:  # score = user . item + bias: one more dimension, 1 on the user's side
+        user_vecs = torch.cat([user_vecs, user_vecs.new_ones(len(user_vecs), 1)], 1)
+    return target_ranks(user_vecs, candidates, batch)
+
+
 @torch.no_grad()
 def evaluate_splits(model, item_vecs: torch.Tensor, loaders: dict, ks: list[int], device: torch.device,
                     item_bias: torch.Tensor | None = None) -> dict[str, dict[str, float]]:
     """HR@K and NDCG@K (means over all users of every rank) of `model` on each eval split of `loaders`.
     `item_bias` [N] is added to every user's score of each item (a prior, such as weighted log popularity)."""
     candidates = model.scoring(item_vecs)  # (a normalized copy with a temperature: once for all splits)
-    if item_bias is not None:  # score = user . item + bias: one more dimension, 1 on the user's side
+    if item_bias is not None:
         candidates = torch.cat([candidates, item_bias.to(candidates)[:, None]], 1)
     results = {}
     for split, loader in loaders.items():
         sums: dict[str, float] = {}
         for batch in loader:
             batch = batch.to(device)
-            history = item_vecs[batch.history].to(next(model.parameters()).dtype)
-            user_vecs = model.scoring(model.encode_users(history, batch.history_mask).float())
-            if item_bias is not None:
-                user_vecs = torch.cat([user_vecs, user_vecs.new_ones(len(user_vecs), 1)], 1)
-            add_sums(sums, metric_sums(target_ranks(user_vecs, candidates, batch), ks, batch.valid))
+            ranks = history_target_ranks(model, item_vecs, candidates, batch, biased=item_bias is not None)
+            add_sums(sums, metric_sums(ranks, ks, batch.valid))
         results[split] = means(all_reduce_values(sums))
     return results
 
